@@ -1,0 +1,339 @@
+"""RepairCallback: repair a classifier between epochs, and train on without the causes of its failures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lightning_repair.adapter import BatchAdapter
+from lightning_repair.curvature import FISHER_KINDS, FisherKind, diagonal_fisher
+from lightning_repair.examples import Examples
+from lightning_repair.exclusion import exclude_from
+from lightning_repair.failures import FailureSet, accuracy, predict, split_failures
+from lightning_repair.identify import EWCInfluence, Scorer, ScoringInputs
+from lightning_repair.params import copy_parameters_, repair_copy
+from lightning_repair.report import RoundRecord, format_table, precision, round_metrics, write_suspects
+from lightning_repair.selection import check_selection, select_causes
+from lightning_repair.treat import EWCUnlearning, Treatment, TreatmentInputs
+
+DEFAULT_TOP_FRACTION = 0.01
+
+
+class RepairCallback(Callback):
+    r"""Repairs a classifier during ``Trainer.fit``: after a validation, it finds the validation examples the
+    model gets wrong (F), ranks the training set by how much each example caused them, unlearns the top causes
+    C, and training goes on without C.
+
+    Each round: failure set F = F_q ∪ F_h from the validation data (only F_q is used; F_h and R = V \ F are
+    measured) → diagonal Fisher (BackPACK) → scores → C → treatment → report. Removal is cumulative: an
+    example is removed at most once and never drawn again by the training DataLoader.
+
+    Args:
+        scorer: identification method; default :class:`~lightning_repair.identify.EWCInfluence`.
+        treatment: treatment method; default :class:`~lightning_repair.treat.EWCUnlearning`.
+        every_n_epochs: repair after every this many epochs.
+        start_epoch: the first epoch (0-based, as ``trainer.current_epoch``) after whose validation to repair.
+        top_k: remove the k highest-scored examples per round.
+        top_fraction: remove this fraction of the training set per round.
+        threshold: remove every example scoring above this (the paper's rule: 0).
+            Give at most one of ``top_k``, ``top_fraction``, ``threshold``; with none, the scorer's own rule
+            (KNN-Shapley: value < 0) or ``top_fraction=0.01``.
+        fisher: diagonal Fisher kind: ``"mc"`` (sampled labels, default), ``"exact"`` or ``"empirical"``.
+        fisher_samples: training examples the Fisher averages over.
+        query_fraction: share of the failures in F_q; the rest, F_h, is only measured.
+        max_failures: keep at most this many failures per round (a seeded random subset).
+        stop_fraction: share of F_q held back to early-stop the fit to the failures (EWC influence).
+        params: names of submodules the Fisher, scores and treatment are restricted to (e.g. ``["net.9"]``);
+            default all trainable parameters.
+        batch_size: batch size of the repair passes; default the training DataLoader's.
+        adapter: how to read inputs, labels and logits; default handles ``(x, y)`` and dict batches.
+        suspects_to_report: rows of each round's suspects CSV (the removed examples are always included).
+        seed: seed of the failure split, Fisher sampling and random scores; each round adds its number.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[RepairCallback()])
+        trainer.fit(model, datamodule)
+        callback.removed_indices, callback.rounds
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer | None = None,
+        treatment: Treatment | None = None,
+        every_n_epochs: int = 1,
+        start_epoch: int = 1,
+        top_k: int | None = None,
+        top_fraction: float | None = None,
+        threshold: float | None = None,
+        fisher: FisherKind = "mc",
+        fisher_samples: int = 1000,
+        query_fraction: float = 0.5,
+        max_failures: int | None = 2000,
+        stop_fraction: float = 0.1,
+        params: list[str] | None = None,
+        batch_size: int | None = None,
+        adapter: BatchAdapter | None = None,
+        suspects_to_report: int = 500,
+        seed: int = 0,
+    ) -> None:
+        check_selection(top_k, top_fraction, threshold)
+        if every_n_epochs < 1 or start_epoch < 0:
+            raise ValueError(f"every_n_epochs must be ≥ 1 and start_epoch ≥ 0, got {every_n_epochs}, {start_epoch}.")
+        if fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}.")
+        if fisher_samples < 1 or (max_failures is not None and max_failures < 1):
+            raise ValueError("fisher_samples and max_failures must be ≥ 1.")
+        if not 0.0 <= stop_fraction < 1.0:
+            raise ValueError(f"stop_fraction must be in [0, 1), got {stop_fraction}.")
+        if not 0.0 < query_fraction <= 1.0:
+            raise ValueError(f"query_fraction must be in (0, 1], got {query_fraction}.")
+        self.scorer = scorer or EWCInfluence()
+        self.treatment = treatment or EWCUnlearning()
+        self.every_n_epochs, self.start_epoch = every_n_epochs, start_epoch
+        self.selection = self._selection(top_k, top_fraction, threshold)
+        self.fisher, self.fisher_samples = fisher, fisher_samples
+        self.query_fraction, self.max_failures, self.stop_fraction = query_fraction, max_failures, stop_fraction
+        self.params, self.batch_size = params, batch_size
+        self.adapter = adapter or BatchAdapter()
+        self.suspects_to_report, self.seed = suspects_to_report, seed
+        self.rounds: list[RoundRecord] = []
+        self._removed: set[int] = set()
+
+    # ---- public state -------------------------------------------------------------------------------------
+
+    @property
+    def removed_indices(self) -> list[int]:
+        """Sorted training-dataset indices removed so far."""
+        return sorted(self._removed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"removed_indices": self.removed_indices, "rounds": [dict(r) for r in self.rounds]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._removed.clear()  # in place: the training sampler holds this very set
+        self._removed.update(int(i) for i in state_dict["removed_indices"])
+        self.rounds = [dict(r) for r in state_dict["rounds"]]
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = self._train_loader(trainer)
+        Examples.from_dataloader(loader, "training")  # fail now, not after an epoch, on an unusable loader
+        if exclude_from(loader, self._removed, self.seed) and self._removed:
+            _restart_training_iterator(trainer)  # resumed: the first epoch's iterator predates the filter
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A reloaded DataLoader (`reload_dataloaders_every_n_epochs`) needs the filter again.
+        exclude_from(self._train_loader(trainer), self._removed, self.seed)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer.current_epoch):
+            return
+        # Validation runs under inference mode; the repair needs gradients.
+        with torch.inference_mode(False), torch.enable_grad():
+            record = self._repair(trainer, pl_module)
+        self.rounds.append(record)
+        for logger in trainer.loggers:
+            logger.log_metrics(round_metrics(record), step=trainer.global_step)
+        rank_zero_info(f"RepairCallback round {record['round']}:\n{format_table([record])}")
+
+    # ---- one round ----------------------------------------------------------------------------------------
+
+    def _repair(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RoundRecord:
+        round_number = len(self.rounds) + 1
+        seed = self.seed + round_number
+        train = Examples.from_dataloader(self._train_loader(trainer), "training", self.batch_size)
+        validation = Examples.from_dataloader(self._val_loader(trainer), "validation", self.batch_size)
+        record: RoundRecord = {"round": round_number, "epoch": trainer.current_epoch,
+                               "global_step": trainer.global_step, "scorer": repr(self.scorer),
+                               "treatment": repr(self.treatment)}
+        clock = _Clock()
+        model = repair_copy(pl_module, self.params)
+
+        predictions, labels = predict(model, validation.loader(), self.adapter)
+        failures = split_failures(predictions, labels, self.query_fraction, self.max_failures, seed)
+        record.update(failures=failures.size, query=len(failures.query), holdout=len(failures.holdout),
+                      remaining=len(failures.remaining), dropped_failures=failures.dropped,
+                      seconds_failures=clock.lap())
+        record.update(_accuracies(failures, predictions, labels, "before"))
+        kept = torch.tensor(sorted(set(range(len(train.dataset))) - self._removed), dtype=torch.long)
+        if len(failures.query) == 0:
+            rank_zero_info("RepairCallback: no failures on the validation data; nothing to repair this round.")
+            return _skipped(record, "no failures", len(self._removed), clock)
+
+        fisher = None
+        if self.scorer.needs_fisher or self.treatment.needs_fisher:
+            fisher = self._fisher(model, train, kept, seed)
+        record["seconds_fisher"] = clock.lap()
+
+        query_loader, stop_loader = self._query_loaders(validation, failures.query, seed)
+        trusted = torch.cat([failures.query, failures.remaining]).sort().values
+        scores_kept = self.scorer.score(ScoringInputs(
+            model=model, train=train.subset(kept).loader(), query=query_loader, stop=stop_loader,
+            trusted=validation.subset(trusted).loader(), fisher=fisher, n_train=len(kept), adapter=self.adapter,
+            seed=seed, progress=_progress_bar(trainer)))
+        scores = torch.full((len(train.dataset),), float("nan"))
+        scores[kept] = scores_kept.float().cpu()
+        record["seconds_scores"] = clock.lap()
+        if not torch.isfinite(scores_kept).all():
+            rank_zero_warn("RepairCallback: some scores are NaN or infinite (non-finite losses?); skipping this "
+                           "round. Check the model's losses or lower the learning rate.")
+            return _skipped(record, "non-finite scores", len(self._removed), clock)
+
+        causes = select_causes(scores, **self.selection)
+        if len(causes) >= len(kept):
+            rank_zero_warn(f"RepairCallback: the selection would remove all {len(kept)} remaining training "
+                           "examples; skipping this round. Use a smaller top_k/top_fraction or a higher threshold.")
+            return _skipped(record, "would remove everything", len(self._removed), clock)
+        remaining_train = torch.tensor(sorted(set(kept.tolist()) - set(causes.tolist())), dtype=torch.long)
+        if len(causes):
+            generator = torch.Generator().manual_seed(seed)
+            self.treatment.treat(TreatmentInputs(
+                model=model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
+                kept=train.subset(remaining_train).loader(shuffle=True, generator=generator),
+                query=validation.subset(failures.query).loader(), fisher=fisher, n_train=len(kept),
+                adapter=self.adapter, seed=seed))
+            copy_parameters_(pl_module, model)
+        record["seconds_treatment"] = clock.lap()
+
+        predictions_after, _ = predict(model, validation.loader(), self.adapter)
+        record.update(_accuracies(failures, predictions_after, labels, "after"))
+        self._removed.update(causes.tolist())
+        flipped = getattr(trainer.datamodule, "flipped_indices", None) if trainer.datamodule is not None else None
+        record.update(removed=len(causes), removed_total=len(self._removed),
+                      precision=precision(causes, flipped) if flipped is not None else None,
+                      seconds_total=clock.total())
+        self._write_suspects(trainer, round_number, scores, train, model, causes)
+        return record
+
+    def _fisher(self, model: torch.nn.Module, train: Examples, kept: Tensor, seed: int) -> list[Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        sample = kept[torch.randperm(len(kept), generator=generator)[: self.fisher_samples]].sort().values
+        devices = [model_device] if (model_device := next(model.parameters()).device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # MC labels are sampled without touching the user's RNG
+            torch.manual_seed(seed)
+            return diagonal_fisher(model, train.subset(sample).loader(), self.fisher, self.adapter)
+
+    def _query_loaders(self, validation: Examples, query: Tensor, seed: int) -> tuple[DataLoader, DataLoader | None]:
+        """F_q for the methods, and a held-back ``stop_fraction`` of it for early stopping (None if too small)."""
+        n_stop = int(self.stop_fraction * len(query))
+        if n_stop == 0 or n_stop == len(query):
+            return validation.subset(query).loader(), None
+        order = query[torch.randperm(len(query), generator=torch.Generator().manual_seed(seed))]
+        return (validation.subset(order[n_stop:].sort().values).loader(),
+                validation.subset(order[:n_stop].sort().values).loader())
+
+    def _write_suspects(self, trainer: pl.Trainer, round_number: int, scores: Tensor, train: Examples,
+                        model: torch.nn.Module, causes: Tensor) -> None:
+        if not trainer.is_global_zero:
+            return
+        eligible = torch.nonzero(~torch.isnan(scores)).flatten()
+        top = eligible[torch.argsort(scores[eligible], descending=True, stable=True)][: self.suspects_to_report]
+        order = torch.cat([top, causes[~torch.isin(causes, top)]])
+        suspects = train.subset(order)
+        predicted, given = predict(model, suspects.loader(), self.adapter)
+        by_index = torch.zeros(len(train.dataset), dtype=torch.long)
+        given_by_index = by_index.clone()
+        by_index[order], given_by_index[order] = predicted, given
+        write_suspects(self.log_dir(trainer) / f"round_{round_number:03d}_suspects.csv", order, scores,
+                       given_by_index, by_index, causes)
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def log_dir(trainer: pl.Trainer) -> Path:
+        """Where the suspects CSVs go: ``<trainer.log_dir>/repair``."""
+        return Path(trainer.log_dir or trainer.default_root_dir) / "repair"
+
+    def _due(self, epoch: int) -> bool:
+        if epoch < self.start_epoch or (epoch - self.start_epoch) % self.every_n_epochs:
+            return False
+        return all(record["epoch"] != epoch for record in self.rounds)  # one round per epoch
+
+    def _selection(self, top_k: int | None, top_fraction: float | None, threshold: float | None) -> dict:
+        if top_k is None and top_fraction is None and threshold is None:
+            if self.scorer.natural_threshold is not None:
+                return {"threshold": self.scorer.natural_threshold}
+            return {"top_fraction": DEFAULT_TOP_FRACTION}
+        return {"top_k": top_k, "top_fraction": top_fraction, "threshold": threshold}
+
+    @staticmethod
+    def _train_loader(trainer: pl.Trainer) -> DataLoader:
+        return _single_loader(trainer.train_dataloader, "training")
+
+    @staticmethod
+    def _val_loader(trainer: pl.Trainer) -> DataLoader:
+        return _single_loader(trainer.val_dataloaders, "validation")
+
+
+def _single_loader(loaders: Any, role: str) -> DataLoader:
+    flat = list(loaders.values()) if isinstance(loaders, dict) else (
+        list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
+    flat = [loader for loader in flat if loader is not None]
+    if not flat:
+        raise RuntimeError(f"RepairCallback needs a {role} DataLoader: define `{role}_dataloader()` in your "
+                           "LightningModule or DataModule, or pass it to `trainer.fit`. Failures are taken from "
+                           "validation data only." if role == "validation" else
+                           f"RepairCallback needs a {role} DataLoader.")
+    if role == "training" and len(flat) > 1:
+        raise ValueError(f"RepairCallback supports one training DataLoader, got {len(flat)}; training-set indices "
+                         "would be ambiguous.")
+    return flat[0]
+
+
+def _restart_training_iterator(trainer: pl.Trainer) -> None:
+    # Lightning creates the epoch's iterator before `on_train_start`; when resuming, no later hook re-creates it.
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is not None:
+        iter(fetcher)
+
+
+def _accuracies(failures: FailureSet, predictions: Tensor, labels: Tensor, when: str) -> dict[str, float]:
+    return {f"acc_fq_{when}": accuracy(predictions, labels, failures.query),
+            f"acc_fh_{when}": accuracy(predictions, labels, failures.holdout),
+            f"acc_r_{when}": accuracy(predictions, labels, failures.remaining)}
+
+
+def _skipped(record: RoundRecord, reason: str, removed_total: int, clock: "_Clock") -> RoundRecord:
+    record.update(skipped=reason, removed=0, removed_total=removed_total, precision=None,
+                  seconds_total=clock.total())
+    for part in ("fq", "fh", "r"):
+        record[f"acc_{part}_after"] = record.get(f"acc_{part}_before")
+    return record
+
+
+def _progress_bar(trainer: pl.Trainer):
+    enabled = trainer.progress_bar_callback is not None and trainer.is_global_zero
+
+    def wrap(loader: DataLoader, description: str) -> Iterable:
+        return tqdm(loader, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
+
+    return wrap
+
+
+class _Clock:
+    """Wall seconds per phase."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        """Seconds since the previous lap (or the start)."""
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+    def total(self) -> float:
+        """Seconds since the start."""
+        return time.perf_counter() - self.start

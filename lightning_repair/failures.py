@@ -1,0 +1,93 @@
+"""The failure set F: the validation examples the model misclassifies, split into F_q and F_h.
+
+F_q (query) is the only part any method may use; F_h (holdout) is measured only, to see whether a repair
+generalises; R = V \\ F is what already worked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_repair.adapter import BatchAdapter
+from lightning_repair.curvature import batches, checked_logits
+
+
+@dataclass(frozen=True)
+class FailureSet:
+    """Validation dataset indices of F_q, F_h and R, and the model's predictions on all of V.
+
+    Attributes:
+        query: F_q, the failures methods may use.
+        holdout: F_h, failures only measured.
+        remaining: R = V \\ F, the correctly classified examples.
+        dropped: failures left out because there were more than ``max_failures``.
+        predictions: the predicted class of every validation example, in dataset order.
+    """
+
+    query: Tensor
+    holdout: Tensor
+    remaining: Tensor
+    dropped: int
+    predictions: Tensor
+
+    @property
+    def size(self) -> int:
+        """|F| (kept failures)."""
+        return len(self.query) + len(self.holdout)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None = None) -> tuple[Tensor, Tensor]:
+    """Predicted classes and given labels of every example of ``loader``, in order, on the CPU."""
+    adapter = adapter or BatchAdapter()
+    predictions, labels = [], []
+    for inputs, y in batches(loader, model, adapter):
+        predictions.append(checked_logits(model, inputs, y, adapter).argmax(dim=1).cpu())
+        labels.append(y.cpu())
+    if not predictions:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(predictions), torch.cat(labels)
+
+
+def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 0.5,
+                   max_failures: int | None = None, seed: int = 0) -> FailureSet:
+    """Splits validation examples into F_q, F_h and R with a seeded permutation.
+
+    Args:
+        predictions: predicted class per validation example.
+        labels: trusted label per validation example.
+        query_fraction: share of F that goes to F_q.
+        max_failures: keep at most this many failures (a seeded random subset) to bound the work.
+        seed: seed of the permutation.
+    """
+    if not 0.0 < query_fraction <= 1.0:
+        raise ValueError(f"query_fraction must be in (0, 1], got {query_fraction}.")
+    failed = predictions != labels
+    failures = torch.nonzero(failed).flatten()
+    generator = torch.Generator().manual_seed(seed)
+    failures = failures[torch.randperm(len(failures), generator=generator)]
+    dropped = 0
+    if max_failures is not None and len(failures) > max_failures:
+        dropped = len(failures) - max_failures
+        failures = failures[:max_failures]
+    n_query = round(query_fraction * len(failures))
+    if len(failures) >= 2:
+        n_query = min(max(n_query, 1), len(failures) - (query_fraction < 1.0))
+    return FailureSet(
+        query=failures[:n_query].sort().values,
+        holdout=failures[n_query:].sort().values,
+        remaining=torch.nonzero(~failed).flatten(),
+        dropped=dropped,
+        predictions=predictions,
+    )
+
+
+def accuracy(predictions: Tensor, labels: Tensor, indices: Tensor) -> float:
+    """Accuracy on the examples at ``indices``; NaN for an empty set."""
+    if len(indices) == 0:
+        return float("nan")
+    return (predictions[indices] == labels[indices]).double().mean().item()

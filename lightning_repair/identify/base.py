@@ -1,0 +1,69 @@
+"""The interface every identification method implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_repair.adapter import BatchAdapter
+
+Progress = Callable[[DataLoader, str], Iterable]
+
+
+def no_progress(loader: DataLoader, description: str) -> Iterable:
+    """A progress hook that shows nothing."""
+    return loader
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What a scorer may read in one repair round.
+
+    Attributes:
+        model: a repair copy of the classifier at θ̂ (eval mode, only scoped parameters trainable).
+        train: the training examples to score, in a fixed order; scores align with it.
+        query: the failures F_q.
+        stop: a small part of F_q held back for early stopping (EWC influence), or None.
+        trusted: V \\ F_h, the validation examples a method may use besides F_q (KNN-Shapley's option).
+        fisher: diagonal Fisher F̂ per scoped parameter, or None when the scorer does not need it.
+        n_train: N, the number of training examples.
+        adapter: how to read batches and logits.
+        seed: seed for anything random in this round.
+        progress: wraps the pass over ``train`` to show progress.
+    """
+
+    model: nn.Module
+    train: DataLoader
+    query: DataLoader
+    stop: DataLoader | None
+    trusted: DataLoader | None
+    fisher: list[Tensor] | None
+    n_train: int
+    adapter: BatchAdapter
+    seed: int = 0
+    progress: Progress = no_progress
+
+
+class Scorer(ABC):
+    """Ranks training examples by how likely each caused the failures: higher score, more likely a cause.
+
+    Attributes:
+        needs_fisher: whether :meth:`score` reads ``inputs.fisher``.
+        natural_threshold: the method's own selection rule ``score > natural_threshold``, when it has one
+            (KNN-Shapley: value < 0), used when the callback is given no explicit selection.
+    """
+
+    needs_fisher: bool = False
+    natural_threshold: float | None = None
+
+    @abstractmethod
+    def score(self, inputs: ScoringInputs) -> Tensor:
+        """One score per example of ``inputs.train``, in its order, as a float tensor on the CPU."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"

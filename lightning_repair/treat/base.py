@@ -1,0 +1,54 @@
+"""The interface every treatment implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_repair.adapter import BatchAdapter
+
+
+@dataclass(frozen=True)
+class TreatmentInputs:
+    """What a treatment may read in one repair round.
+
+    Attributes:
+        model: a repair copy at θ̂ (eval mode, only scoped parameters trainable); the treatment moves it to θ⁻.
+        causes: the cause set C, shuffled.
+        kept: D \\ C, shuffled.
+        query: the failures F_q, the only validation data a treatment may use to choose or stop.
+        fisher: F̂ per scoped parameter, or None when the treatment does not need it.
+        n_train: N, the number of training examples.
+        adapter: how to read batches and logits.
+        seed: seed for anything random in this round.
+    """
+
+    model: nn.Module
+    causes: DataLoader
+    kept: DataLoader
+    query: DataLoader
+    fisher: list[Tensor] | None
+    n_train: int
+    adapter: BatchAdapter
+    seed: int = 0
+
+
+class Treatment(ABC):
+    """Moves the model from θ̂ to θ⁻, erasing what it learnt from the causes C.
+
+    Attributes:
+        needs_fisher: whether :meth:`treat` reads ``inputs.fisher``.
+    """
+
+    needs_fisher: bool = False
+
+    @abstractmethod
+    def treat(self, inputs: TreatmentInputs) -> None:
+        """Updates ``inputs.model``'s trainable parameters in place."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"

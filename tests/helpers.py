@@ -1,0 +1,69 @@
+"""Small synthetic data and models for the tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+
+class Blobs(Dataset):
+    """Gaussian blobs, one per class, returning ``(x, y, index)``; records every index it serves."""
+
+    def __init__(self, n: int, classes: int = 3, features: int = 8, flip: float = 0.0, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        centers = 1.2 * torch.randn(classes, features, generator=torch.Generator().manual_seed(1234))
+        self.clean = torch.randint(classes, (n,), generator=generator)
+        self.x = centers[self.clean] + torch.randn(n, features, generator=generator)
+        flipped = torch.rand(n, generator=generator) < flip
+        shift = torch.randint(1, classes, (n,), generator=generator)
+        self.y = torch.where(flipped, (self.clean + shift) % classes, self.clean)
+        self.flipped_indices = torch.nonzero(self.y != self.clean).flatten()
+        self.served: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int):
+        self.served.append(index)
+        return self.x[index], int(self.y[index]), index
+
+
+class BlobsDataModule(pl.LightningDataModule):
+    """Train/validation blobs; exposes ``flipped_indices`` like the Fashion-MNIST data module."""
+
+    def __init__(self, n_train: int = 300, n_val: int = 150, flip: float = 0.2, batch_size: int = 32) -> None:
+        super().__init__()
+        self.train_dataset = Blobs(n_train, flip=flip, seed=0)
+        self.val_dataset = Blobs(n_val, seed=1)
+        self.flipped_indices = self.train_dataset.flipped_indices
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size)
+
+
+class TinyClassifier(pl.LightningModule):
+    """A small MLP classifier over ``(x, y, ...)`` batches."""
+
+    def __init__(self, features: int = 8, classes: int = 3, hidden: int = 16, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
