@@ -178,7 +178,7 @@ class RepairCallback(Callback):
         record["seconds_fisher"] = clock.lap()
 
         query_loader, stop_loader = self._query_loaders(validation, failures.query, seed)
-        trusted = torch.cat([failures.query, failures.remaining]).sort().values
+        trusted = torch.cat([failures.query, failures.guard, failures.remaining]).sort().values
         scores_kept = self.scorer.score(ScoringInputs(
             model=model, train=train.subset(kept).loader(), query=query_loader, stop=stop_loader,
             trusted=validation.subset(trusted).loader(), fisher=fisher, n_train=len(kept), adapter=self.adapter,
@@ -202,7 +202,9 @@ class RepairCallback(Callback):
             self.treatment.treat(TreatmentInputs(
                 model=model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
                 kept=train.subset(remaining_train).loader(shuffle=True, generator=generator),
-                query=validation.subset(failures.query).loader(), fisher=fisher, n_train=len(kept),
+                query=validation.subset(failures.query).loader(),
+                check=validation.subset(torch.cat([failures.query, failures.guard]).sort().values).loader(),
+                fisher=fisher, n_train=len(kept),
                 adapter=self.adapter, seed=seed))
             copy_parameters_(pl_module, model)
         record["seconds_treatment"] = clock.lap()

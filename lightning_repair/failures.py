@@ -1,7 +1,8 @@
 """The failure set F: the validation examples the model misclassifies, split into F_q and F_h.
 
-F_q (query) is the only part any method may use; F_h (holdout) is measured only, to see whether a repair
-generalises; R = V \\ F is what already worked.
+F_q (query) is the only part of F any method may use; F_h (holdout) is measured only, to see whether a repair
+generalises. The correctly classified rest of V is split likewise: a guard sample R_q, as large as F_q, that
+treatments may use so as not to break what works, and R, measured only.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ class FailureSet:
     Attributes:
         query: F_q, the failures methods may use.
         holdout: F_h, failures only measured.
-        remaining: R = V \\ F, the correctly classified examples.
+        guard: R_q, correctly classified examples treatments may use to check they break nothing.
+        remaining: R, the other correctly classified examples, only measured.
         dropped: failures left out because there were more than ``max_failures``.
         predictions: the predicted class of every validation example, in dataset order.
     """
 
     query: Tensor
     holdout: Tensor
+    guard: Tensor
     remaining: Tensor
     dropped: int
     predictions: Tensor
@@ -55,7 +58,7 @@ def predict(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None =
 
 def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 0.5,
                    max_failures: int | None = None, seed: int = 0) -> FailureSet:
-    """Splits validation examples into F_q, F_h and R with a seeded permutation.
+    """Splits validation examples into F_q, F_h, R_q and R with a seeded permutation.
 
     Args:
         predictions: predicted class per validation example.
@@ -77,10 +80,14 @@ def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 
     n_query = round(query_fraction * len(failures))
     if len(failures) >= 2:
         n_query = min(max(n_query, 1), len(failures) - (query_fraction < 1.0))
+    correct = torch.nonzero(~failed).flatten()
+    correct = correct[torch.randperm(len(correct), generator=generator)]
+    n_guard = min(n_query, len(correct) // 2)
     return FailureSet(
         query=failures[:n_query].sort().values,
         holdout=failures[n_query:].sort().values,
-        remaining=torch.nonzero(~failed).flatten(),
+        guard=correct[:n_guard].sort().values,
+        remaining=correct[n_guard:].sort().values,
         dropped=dropped,
         predictions=predictions,
     )

@@ -19,7 +19,10 @@ class TreatmentInputs:
         model: a repair copy at θ̂ (eval mode, only scoped parameters trainable); the treatment moves it to θ⁻.
         causes: the cause set C, shuffled.
         kept: D \\ C, shuffled.
-        query: the failures F_q, the only validation data a treatment may use to choose or stop.
+        query: the failures F_q (e.g. to fit θ₊F).
+        check: F_q ∪ R_q, the failures and as many correctly classified validation examples: the only
+            validation data a treatment may use to choose a step size or stop early. Accuracy on it weighs
+            fixing failures against breaking what works.
         fisher: F̂ per scoped parameter, or None when the treatment does not need it.
         n_train: N, the number of training examples.
         adapter: how to read batches and logits.
@@ -30,6 +33,7 @@ class TreatmentInputs:
     causes: DataLoader
     kept: DataLoader
     query: DataLoader
+    check: DataLoader
     fisher: list[Tensor] | None
     n_train: int
     adapter: BatchAdapter

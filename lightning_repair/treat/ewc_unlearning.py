@@ -1,7 +1,9 @@
 """EWC deletion (Tanno et al. 2022, treatment 3): unlearn C by gradient ascent anchored by the Fisher.
 
 θ⁻ = argmin_θ −Σ_{c ∈ C} ℓ(c; θ) + (1/γ)(θ − θ̂)ᵀ diag(F̂)(θ − θ̂). Ascent on C's loss is unbounded, so steps
-are bounded and the parameters kept are those with the best accuracy on F_q (never F_h or test data).
+are bounded and the parameters kept are those with the best accuracy on F_q ∪ R_q (the failures and as many
+correctly classified validation examples), so fixing failures is weighed against breaking what works; never F_h
+or test data.
 """
 
 from __future__ import annotations
@@ -16,25 +18,25 @@ from lightning_repair.optimize import FitResult, accuracy_of, anchored_fit
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 
-def ewc_unlearning(model: nn.Module, cause_loader: DataLoader, failure_loader: DataLoader,
-                   fisher: Sequence[Tensor], gamma: float = 0.02, lr: float = 1e-4, max_steps: int = 50,
-                   eval_every: int = 5, patience: int = 4, adapter: BatchAdapter | None = None) -> FitResult:
-    """Unlearns the causes from ``model`` in place; returns which step was kept and its F_q accuracy.
+def ewc_unlearning(model: nn.Module, cause_loader: DataLoader, check_loader: DataLoader,
+                   fisher: Sequence[Tensor], gamma: float = 0.02, lr: float = 3e-5, max_steps: int = 50,
+                   eval_every: int = 5, patience: int = 3, adapter: BatchAdapter | None = None) -> FitResult:
+    """Unlearns the causes from ``model`` in place; returns which step was kept and its F_q ∪ R_q accuracy.
 
     Args:
         model: a repair copy at θ̂; its trainable parameters move to θ⁻.
         cause_loader: the cause set C.
-        failure_loader: F_q, whose accuracy chooses the step kept (step 0, θ̂ itself, if none helps).
+        check_loader: F_q ∪ R_q, whose accuracy chooses the step kept (step 0, θ̂ itself, if none helps).
         fisher: F̂ per trainable parameter.
         gamma: γ; the anchor is (1/γ) F̂ (the paper: γ ∈ [0.01, 0.05]).
         lr: Adam's learning rate.
         max_steps: bound on ascent steps.
-        eval_every: steps between F_q evaluations.
+        eval_every: steps between F_q ∪ R_q evaluations.
         patience: evaluations without improvement before stopping.
         adapter: how to read batches and logits.
     """
     return anchored_fit(model, cause_loader, direction=-1.0, fisher=fisher, anchor_weight=1.0 / gamma, lr=lr,
-                        max_steps=max_steps, validate=lambda m: accuracy_of(m, failure_loader, adapter),
+                        max_steps=max_steps, validate=lambda m: accuracy_of(m, check_loader, adapter),
                         eval_every=eval_every, patience=patience, adapter=adapter)
 
 
@@ -45,19 +47,19 @@ class EWCUnlearning(Treatment):
         gamma: γ in the anchor (1/γ) F̂; larger moves further from θ̂.
         lr: Adam's learning rate for the ascent.
         max_steps: bound on ascent steps.
-        eval_every: steps between F_q accuracy checks (the early stopping).
+        eval_every: steps between F_q ∪ R_q accuracy checks (the early stopping).
         patience: checks without improvement before stopping.
     """
 
     needs_fisher = True
 
-    def __init__(self, gamma: float = 0.02, lr: float = 1e-4, max_steps: int = 50, eval_every: int = 5,
-                 patience: int = 4) -> None:
+    def __init__(self, gamma: float = 0.02, lr: float = 3e-5, max_steps: int = 50, eval_every: int = 5,
+                 patience: int = 3) -> None:
         if gamma <= 0 or lr <= 0 or max_steps < 1 or eval_every < 1 or patience < 1:
             raise ValueError("EWCUnlearning needs gamma > 0, lr > 0 and max_steps, eval_every, patience ≥ 1; got "
                              f"{gamma}, {lr}, {max_steps}, {eval_every}, {patience}.")
         self.gamma, self.lr, self.max_steps, self.eval_every, self.patience = gamma, lr, max_steps, eval_every, patience
 
     def treat(self, inputs: TreatmentInputs) -> None:
-        ewc_unlearning(inputs.model, inputs.causes, inputs.query, inputs.fisher, self.gamma, self.lr,
+        ewc_unlearning(inputs.model, inputs.causes, inputs.check, inputs.fisher, self.gamma, self.lr,
                        self.max_steps, self.eval_every, self.patience, inputs.adapter)

@@ -1,0 +1,265 @@
+"""Energy-based alignment (report proposal 1, adapted from Huang et al. NeurIPS 2023, treatment 4).
+
+Keep the causes C but move them toward the clean data under θ₊F, the model fitted to the failures F_q.
+With the energy E(x) = −log Σ_k exp f_{θ₊F}(x)[k], each cause's input descends it, x̃ ← x̃ − η ∇_x E(x̃), for
+T steps from x̃ = x, and takes the soft label ỹ = softmax f_{θ₊F}(x̃). The model is then fine-tuned (by default
+only its last linear layer) on (D \\ C) ∪ {(x̃_c, ỹ_c)}. The ``relabel`` variant keeps x and trains on the hard
+label argmax ỹ instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_repair.adapter import BatchAdapter
+from lightning_repair.curvature import batches, checked_logits, model_device
+from lightning_repair.identify.ewc import fit_to_failures
+from lightning_repair.params import scoped_parameters
+from lightning_repair.treat.base import Treatment, TreatmentInputs
+
+AlignmentMode = Literal["soft", "relabel"]
+ALIGNMENT_MODES = ("soft", "relabel")
+
+
+def energy(model: nn.Module, inputs: Tensor, adapter: BatchAdapter | None = None) -> Tensor:
+    """E(x) = −logsumexp_k f(x)[k] of each input, shape ``(batch,)``; differentiable in ``inputs``."""
+    adapter = adapter or BatchAdapter()
+    return -torch.logsumexp(adapter.logits(model, inputs), dim=1)
+
+
+def energy_gradient(model: nn.Module, inputs: Tensor, adapter: BatchAdapter | None = None) -> Tensor:
+    """∇_x E(x) of each input, shaped like ``inputs``; no parameter receives a gradient.
+
+    The gradient of Σ_i E(x_i) is taken, which is each example's own gradient when the model treats examples
+    independently (eval mode: no batch statistics).
+    """
+    _check_floating(inputs)
+    x = inputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(energy(model, x, adapter).sum(), x)
+    return gradient
+
+
+def align_inputs(model: nn.Module, inputs: Tensor, step_size: float = 0.1, steps: int = 10,
+                 adapter: BatchAdapter | None = None) -> Tensor:
+    """x̃ after ``steps`` steps of x̃ ← x̃ − η ∇_x E(x̃) from x̃ = x, as a new tensor (``inputs`` is untouched).
+
+    Args:
+        model: the model whose energy is descended (θ₊F), in eval mode.
+        inputs: a batch of floating-point inputs.
+        step_size: η, in the units of the inputs.
+        steps: T; 0 returns a copy of ``inputs``.
+        adapter: how to get logits.
+    """
+    _check_floating(inputs)
+    _check_alignment(step_size, steps)
+    aligned = inputs.detach().clone()
+    for _ in range(steps):
+        aligned = aligned - step_size * energy_gradient(model, aligned, adapter)
+    return aligned
+
+
+@torch.no_grad()
+def soft_labels(model: nn.Module, inputs: Tensor, adapter: BatchAdapter | None = None) -> Tensor:
+    """ỹ = softmax f(x), shape ``(batch, classes)``."""
+    adapter = adapter or BatchAdapter()
+    return F.softmax(adapter.logits(model, inputs), dim=1)
+
+
+def aligned_causes(model: nn.Module, cause_loader: DataLoader, step_size: float = 0.1, steps: int = 10,
+                   mode: AlignmentMode = "soft", adapter: BatchAdapter | None = None) -> tuple[Tensor, Tensor]:
+    """The causes' training examples under alignment, on the CPU, in ``cause_loader``'s order.
+
+    Args:
+        model: θ₊F, in eval mode.
+        cause_loader: the cause set C; its inputs must be floating-point tensors (they are copied, not moved).
+        step_size: η of :func:`align_inputs`.
+        steps: T of :func:`align_inputs`.
+        mode: ``"soft"``: the aligned inputs x̃ and soft labels ỹ, shape ``(|C|, classes)``; ``"relabel"``: the
+            original inputs x and the hard labels argmax ỹ, shape ``(|C|,)``.
+        adapter: how to read batches and logits.
+    """
+    _check_mode(mode)
+    _check_alignment(step_size, steps)
+    adapter = adapter or BatchAdapter()
+    inputs, targets = [], []
+    for x, labels in batches(cause_loader, model, adapter):
+        _check_floating(x)
+        checked_logits(model, x, labels, adapter)  # the causes' labels must index the model's classes
+        x_aligned = align_inputs(model, x, step_size, steps, adapter)
+        y_soft = soft_labels(model, x_aligned, adapter)
+        if mode == "soft":
+            inputs.append(x_aligned.cpu())
+            targets.append(y_soft.cpu())
+        else:
+            inputs.append(x.detach().cpu().clone())
+            targets.append(y_soft.argmax(dim=1).cpu())
+    if not inputs:
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def finetune_parameters(model: nn.Module, finetune_modules: Sequence[str] | Literal["all"] | None = None
+                        ) -> list[nn.Parameter]:
+    """The parameters the alignment fine-tune trains: trainable (``requires_grad``) ones of the chosen modules.
+
+    Args:
+        model: the repair copy.
+        finetune_modules: ``None``: the last ``nn.Linear`` in ``model.named_modules()`` order (usually the
+            classification head); ``"all"``: every trainable parameter; a list: the named submodules (names as
+            in ``model.named_modules()``, e.g. ``["net.12"]``).
+    """
+    if finetune_modules is None:
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("The model has no nn.Linear layer to fine-tune by default; name the layers to train, "
+                             "e.g. `finetune_modules=['head']`, or pass `finetune_modules='all'`.")
+        names = linears[-1:]
+    else:
+        names = None if finetune_modules == "all" else list(finetune_modules)
+    try:
+        return scoped_parameters(model, names)
+    except ValueError as error:
+        raise ValueError(f"`finetune_modules={finetune_modules!r}`: {error}") from error
+
+
+def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: DataLoader,
+                     failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
+                     step_size: float = 0.1, steps: int = 10, mode: AlignmentMode = "soft",
+                     finetune_modules: Sequence[str] | Literal["all"] | None = None, finetune_steps: int = 100,
+                     lr: float = 1e-3, fit_lr: float = 1e-3, fit_steps: int = 100, seed: int = 0,
+                     adapter: BatchAdapter | None = None) -> None:
+    """Aligns the causes under θ₊F and fine-tunes ``model`` in place on (D \\ C) ∪ {(x̃_c, ỹ_c)}.
+
+    Each fine-tune step takes one batch of D \\ C (hard labels) and one batch of aligned causes and minimises
+    (|D \\ C| · mean ℓ_kept + |C| · mean ℓ_aligned) / (|D \\ C| + |C|), an unbiased estimate of the mean
+    cross-entropy over the union; ℓ_aligned is taken against the soft labels ỹ (``"soft"``) or argmax ỹ
+    (``"relabel"``). Only :func:`finetune_parameters` move; ``requires_grad`` flags are left as they were.
+
+    Args:
+        model: a repair copy at θ̂ in eval mode; its fine-tuned parameters move to θ⁻.
+        cause_loader: the cause set C (floating-point inputs).
+        kept_loader: D \\ C.
+        failure_loader: F_q, to which θ₊F is fitted.
+        fisher: F̂ per trainable parameter for θ₊F's anchor; None fits θ₊F without an anchor.
+        n_train: N, which scales θ₊F's anchor (N/2) F̂.
+        step_size: η, the alignment step, in input units.
+        steps: T, the alignment steps.
+        mode: ``"soft"`` or ``"relabel"`` (see :func:`aligned_causes`).
+        finetune_modules: which layers train (see :func:`finetune_parameters`).
+        finetune_steps: Adam steps of the fine-tune.
+        lr: Adam's learning rate for the fine-tune.
+        fit_lr: Adam's learning rate for θ₊F.
+        fit_steps: Adam steps for θ₊F.
+        seed: seeds the shuffling of the aligned causes.
+        adapter: how to read batches and logits.
+    """
+    _check_mode(mode)
+    _check_alignment(step_size, steps)
+    adapter = adapter or BatchAdapter()
+    parameters = finetune_parameters(model, finetune_modules)
+    plus = fit_to_failures(model, failure_loader, fisher, n_train, lr=fit_lr, max_steps=fit_steps, adapter=adapter)
+    cause_inputs, cause_targets = aligned_causes(plus, cause_loader, step_size, steps, mode, adapter)
+    del plus
+    n_causes, n_kept = len(cause_inputs), len(kept_loader.dataset)
+    if finetune_steps == 0 or n_causes + n_kept == 0:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    aligned_loader = DataLoader(TensorDataset(cause_inputs, cause_targets), batch_size=cause_loader.batch_size or 64,
+                                shuffle=True, generator=generator)
+    device = model_device(model)
+    kept = _cycle(kept_loader, lambda stream: batches(stream, model, adapter)) if n_kept else None
+    # Soft targets are not class indices, so the aligned batches bypass the adapter's label check.
+    aligned = _cycle(aligned_loader, lambda stream: ((x.to(device), t.to(device)) for x, t in stream)) \
+        if n_causes else None
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    with torch.enable_grad():
+        for _ in range(finetune_steps):
+            loss = 0.0
+            if kept is not None:
+                x, y = next(kept)
+                loss = loss + n_kept * F.cross_entropy(checked_logits(model, x, y, adapter), y)
+            if aligned is not None:
+                x, y = next(aligned)
+                loss = loss + n_causes * F.cross_entropy(adapter.logits(model, x), y)
+            loss = loss / (n_kept + n_causes)
+            if not torch.isfinite(loss):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            # `inputs=` keeps gradients off every parameter outside the fine-tune, frozen or not.
+            loss.backward(inputs=parameters)
+            optimizer.step()
+    for p in parameters:
+        p.grad = None
+
+
+class EnergyAlignment(Treatment):
+    """Energy-based alignment: move the causes toward clean data under θ₊F, then fine-tune on them and D \\ C.
+
+    Args:
+        step_size: η of x̃ ← x̃ − η ∇_x E(x̃), in input units. The default suits standardized images (unit
+            pixel variance): on the Fashion-MNIST CNN, |∂E/∂x| is about 0.02 per pixel, so 10 steps of 0.1
+            move each pixel by at most about 0.2 standard deviations: the causes gain confidence under θ₊F
+            and keep their look. Raise η to move them further.
+        steps: T, alignment steps per cause; 0 keeps x (then ``"soft"`` trains on θ₊F's soft labels of x).
+        mode: ``"soft"``: train on (x̃, softmax f_{θ₊F}(x̃)); ``"relabel"``: train on (x, argmax of it).
+        finetune_modules: modules to fine-tune. ``None``: the last ``nn.Linear`` (the head); ``"all"``: every
+            parameter in the repair scope; a list of module names: those (within the repair scope).
+        finetune_steps: Adam steps of the fine-tune on (D \\ C) ∪ aligned C.
+        lr: Adam's learning rate for the fine-tune.
+        fit_lr: Adam's learning rate for θ₊F (as in EWC influence).
+        fit_steps: Adam steps for θ₊F.
+    """
+
+    needs_fisher = True
+
+    def __init__(self, step_size: float = 0.1, steps: int = 10, mode: AlignmentMode = "soft",
+                 finetune_modules: list[str] | Literal["all"] | None = None, finetune_steps: int = 100,
+                 lr: float = 1e-3, fit_lr: float = 1e-3, fit_steps: int = 100) -> None:
+        _check_mode(mode)
+        _check_alignment(step_size, steps)
+        if finetune_steps < 0 or lr <= 0 or fit_lr <= 0 or fit_steps < 1:
+            raise ValueError("EnergyAlignment needs finetune_steps ≥ 0, lr > 0, fit_lr > 0 and fit_steps ≥ 1; got "
+                             f"{finetune_steps}, {lr}, {fit_lr}, {fit_steps}.")
+        if isinstance(finetune_modules, str) and finetune_modules != "all":
+            raise ValueError(f"finetune_modules must be None, 'all' or a list of module names, got "
+                             f"{finetune_modules!r}; for one module write [{finetune_modules!r}].")
+        self.step_size, self.steps, self.mode = step_size, steps, mode
+        self.finetune_modules = finetune_modules
+        self.finetune_steps, self.lr, self.fit_lr, self.fit_steps = finetune_steps, lr, fit_lr, fit_steps
+
+    def treat(self, inputs: TreatmentInputs) -> None:
+        energy_alignment(inputs.model, inputs.causes, inputs.kept, inputs.query, inputs.fisher, inputs.n_train,
+                         self.step_size, self.steps, self.mode, self.finetune_modules, self.finetune_steps,
+                         self.lr, self.fit_lr, self.fit_steps, inputs.seed, inputs.adapter)
+
+
+def _cycle(loader: DataLoader, read: Callable[[Iterable], Iterator[tuple[Any, Tensor]]]
+           ) -> Iterator[tuple[Any, Tensor]]:
+    """Endless batches of ``loader`` (reshuffled each pass), each read by ``read``."""
+    return read(itertools.chain.from_iterable(itertools.repeat(loader)))
+
+
+def _check_floating(inputs: object) -> None:
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        what = f"dtype {inputs.dtype}" if isinstance(inputs, Tensor) else f"type {type(inputs).__name__}"
+        raise ValueError(f"Energy alignment moves the causes' inputs along ∇_x E, so they must be one floating-point "
+                         f"tensor; got {what}. Discrete inputs (token ids, ...) cannot be aligned: choose another "
+                         "treatment, e.g. EWCUnlearning, or override `BatchAdapter.inputs` to return a float tensor.")
+
+
+def _check_alignment(step_size: float, steps: int) -> None:
+    if not step_size > 0 or steps < 0:
+        raise ValueError(f"Energy alignment needs step_size > 0 and steps ≥ 0, got {step_size} and {steps}.")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ALIGNMENT_MODES:
+        raise ValueError(f"Unknown alignment mode {mode!r}; choose one of {ALIGNMENT_MODES}.")

@@ -1,0 +1,233 @@
+"""Newton removal (Guo et al. 2020, treatment 2): one second-order step that takes the causes out of θ̂.
+
+Removing C from the summed training loss moves its minimiser by, to first order, θ⁻ − θ̂ = H_{−C}⁻¹ Σ_{c ∈ C}
+∇ℓ(c; θ̂), H_{−C} the Hessian of the summed loss on D \\ C. With H the Hessian of the *mean* loss the step is
+θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂) with nominal γ = 1/N. H⁻¹ is either the diagonal (F̂ + δ)⁻¹, or a LiSSA
+estimate (Agarwal et al. 2017, as Koh & Liang 2017 used it) from Hessian-vector products on D \\ C. Since F̂
+and LiSSA only approximate H, γ is chosen from a grid of multiples of 1/N by accuracy on F_q ∪ R_q (never F_h or
+test data), and θ̂ is kept when no step beats it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from lightning_repair.adapter import BatchAdapter
+from lightning_repair.curvature import batches, checked_logits, loss_gradient
+from lightning_repair.identify.influence import natural_gradient
+from lightning_repair.optimize import accuracy_of
+from lightning_repair.params import detached, trainable
+from lightning_repair.treat.base import Treatment, TreatmentInputs
+
+InverseHVP = Callable[[list[Tensor]], list[Tensor]]
+"""Maps g, one tensor per trainable parameter, to H⁻¹ g with H the Hessian of the mean training loss."""
+
+INVERSES = ("diagonal", "lissa")
+GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Tensor], steps: int = 200,
+                      scale: float = 25.0, damping: float = 0.01,
+                      adapter: BatchAdapter | None = None) -> list[Tensor]:
+    """LiSSA estimate of H⁻¹ v, H the Hessian of the mean cross-entropy over ``loader``.
+
+    The recursion h_j = v + (1 − d) h_{j−1} − H_j h_{j−1} / s, h_0 = v, with H_j the Hessian of batch j's mean
+    loss (double backward, cycling over the loader), converges to s (H + d s)⁻¹ v when every eigenvalue of H
+    lies in [0, (2 − d) s); the result h / s is therefore (H + d s)⁻¹ v, damped by d·s.
+
+    Args:
+        model: the classifier at θ̂; only its trainable parameters enter H.
+        loader: the examples whose mean loss H is the Hessian of (D \\ C for Newton removal).
+        vector: v, one tensor per trainable parameter.
+        steps: recursion steps; the error shrinks like (1 − d − λ_min(H)/s)^steps.
+        scale: s; must exceed half the largest eigenvalue of H, or the recursion diverges.
+        damping: d in [0, 1).
+        adapter: how to read batches and logits.
+    """
+    _check_lissa(steps, scale, damping)
+    adapter = adapter or BatchAdapter()
+    parameters = trainable(model)
+    v = [t.detach() for t in vector]
+    h = list(v)
+    with torch.enable_grad():
+        for _, (inputs, labels) in zip(range(steps), batches(_cycle(loader), model, adapter)):
+            hvp = _hessian_vector_product(model, parameters, inputs, labels, h, adapter)
+            h = [vi + (1.0 - damping) * hi - hv / scale for vi, hi, hv in zip(v, h, hvp)]
+    result = [hi / scale for hi in h]
+    if not all(torch.isfinite(t).all() for t in result):
+        raise FloatingPointError(f"LiSSA diverged: lissa_scale={scale} is below half the largest Hessian "
+                                 "eigenvalue. Raise `lissa_scale` (and `lissa_steps` with it).")
+    return result
+
+
+def choose_step_size(model: nn.Module, direction: Sequence[Tensor], gammas: Iterable[float],
+                     check_loader: DataLoader, adapter: BatchAdapter | None = None) -> float:
+    """Moves θ̂ to θ̂ + γ · ``direction`` for the γ with the best accuracy on F_q ∪ R_q, in place; returns that γ.
+
+    Ties go to the smallest γ. θ̂ itself (γ = 0) competes: when no γ strictly beats θ̂'s F_q ∪ R_q accuracy the
+    parameters are left at θ̂ and 0.0 is returned.
+
+    Args:
+        model: a repair copy at θ̂; its trainable parameters move.
+        direction: one tensor per trainable parameter.
+        gammas: the step sizes to try, all > 0.
+        check_loader: F_q ∪ R_q, whose accuracy chooses γ.
+        adapter: how to read batches and logits.
+    """
+    parameters = trainable(model)
+    start = detached(parameters)
+    best_gamma, best_accuracy = 0.0, accuracy_of(model, check_loader, adapter)
+    for gamma in sorted(gammas):
+        _place(parameters, start, direction, gamma)
+        accuracy = accuracy_of(model, check_loader, adapter)
+        if accuracy > best_accuracy:
+            best_gamma, best_accuracy = gamma, accuracy
+    _place(parameters, start, direction, best_gamma)
+    return best_gamma
+
+
+def newton_removal(model: nn.Module, cause_loader: DataLoader, check_loader: DataLoader | None,
+                   fisher: Sequence[Tensor] | None, n_train: int, *, kept_loader: DataLoader | None = None,
+                   damping: float = 1e-3, gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
+                   inverse: Literal["diagonal", "lissa"] | InverseHVP = "diagonal", lissa_steps: int = 200,
+                   lissa_scale: float = 25.0, lissa_damping: float = 0.01,
+                   adapter: BatchAdapter | None = None) -> float:
+    """Removes the causes from ``model`` in place by θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂); returns γ (0.0: θ̂ kept).
+
+    Args:
+        model: a repair copy at θ̂; its trainable parameters move to θ⁻.
+        cause_loader: the cause set C.
+        check_loader: F_q ∪ R_q; γ is the multiple of 1/N in ``gamma_multipliers`` with the best accuracy
+            (see :func:`choose_step_size`). None takes the nominal γ = 1/N without selection.
+        fisher: F̂ per trainable parameter, the per-example mean; read only by ``inverse="diagonal"``.
+        n_train: N, the number of training examples.
+        kept_loader: D \\ C, whose Hessian ``inverse="lissa"`` inverts.
+        damping: δ relative to the mean of F̂ for ``inverse="diagonal"``.
+        gamma_multipliers: the grid of γ · N to try.
+        inverse: ``"diagonal"``: (F̂ + δ)⁻¹; ``"lissa"``: :func:`lissa_inverse_hvp` on ``kept_loader``; or any
+            callable g ↦ H⁻¹ g with H the Hessian of the mean training loss.
+        lissa_steps: LiSSA recursion steps.
+        lissa_scale: LiSSA's scale s.
+        lissa_damping: LiSSA's damping d (H is damped by d·s).
+        adapter: how to read batches and logits.
+    """
+    _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping)
+    if n_train < 1:
+        raise ValueError(f"n_train (N) must be ≥ 1, got {n_train}.")
+    gradient = loss_gradient(model, cause_loader, adapter)
+    if callable(inverse):
+        direction = inverse(gradient)
+    elif inverse == "diagonal":
+        if fisher is None:
+            raise ValueError('inverse="diagonal" needs the diagonal Fisher; pass `fisher` or use inverse="lissa".')
+        direction = natural_gradient(gradient, fisher, damping)
+    else:
+        if kept_loader is None:
+            raise ValueError('inverse="lissa" needs `kept_loader` (D \\ C), whose Hessian it inverts.')
+        direction = lissa_inverse_hvp(model, kept_loader, gradient, lissa_steps, lissa_scale, lissa_damping,
+                                      adapter)
+    if check_loader is None:
+        nominal = 1.0 / n_train
+        _place(trainable(model), detached(trainable(model)), direction, nominal)
+        return nominal
+    return choose_step_size(model, direction, [m / n_train for m in gamma_multipliers], check_loader, adapter)
+
+
+class NewtonRemoval(Treatment):
+    """Newton removal of the causes (Guo et al. 2020): θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂), γ chosen on F_q ∪ R_q.
+
+    γ is the multiple of the nominal 1/N with the best F_q ∪ R_q accuracy, the smallest on ties; when no step beats
+    θ̂ there, θ̂ is kept unchanged.
+
+    Args:
+        damping: δ added to F̂ before inverting it, relative to F̂'s mean entry (``inverse="diagonal"``).
+        gamma_multipliers: the γ · N to try.
+        inverse: ``"diagonal"`` inverts H ≈ F̂ + δ; ``"lissa"`` estimates H⁻¹ Σ∇ℓ(c) by LiSSA on D \\ C, as the
+            paper did (the Fisher is then unused).
+        lissa_steps: LiSSA recursion steps, one Hessian-vector product on one batch of D \\ C each.
+        lissa_scale: LiSSA's scale s; must exceed half the largest Hessian eigenvalue.
+        lissa_damping: LiSSA's damping d in [0, 1); H is damped by d·s.
+    """
+
+    needs_fisher = True
+
+    def __init__(self, damping: float = 1e-3, gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
+                 inverse: Literal["diagonal", "lissa"] = "diagonal", lissa_steps: int = 200,
+                 lissa_scale: float = 25.0, lissa_damping: float = 0.01) -> None:
+        if callable(inverse):
+            raise ValueError('NewtonRemoval takes inverse="diagonal" or "lissa"; pass a callable to '
+                             "`newton_removal` instead.")
+        _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping)
+        self.damping = damping
+        self.gamma_multipliers = tuple(float(m) for m in gamma_multipliers)
+        self.inverse = inverse
+        self.lissa_steps, self.lissa_scale, self.lissa_damping = lissa_steps, lissa_scale, lissa_damping
+
+    def treat(self, inputs: TreatmentInputs) -> None:
+        newton_removal(inputs.model, inputs.causes, inputs.check, inputs.fisher, inputs.n_train,
+                       kept_loader=inputs.kept, damping=self.damping, gamma_multipliers=self.gamma_multipliers,
+                       inverse=self.inverse, lissa_steps=self.lissa_steps, lissa_scale=self.lissa_scale,
+                       lissa_damping=self.lissa_damping, adapter=inputs.adapter)
+
+
+def _check_arguments(damping: float, gamma_multipliers: Sequence[float], inverse: str | InverseHVP,
+                           lissa_steps: int, lissa_scale: float, lissa_damping: float) -> None:
+    """Raises ValueError naming the first bad Newton-removal argument."""
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 to invert the Fisher, got {damping}.")
+    multipliers = list(gamma_multipliers)
+    if not multipliers or not all(isinstance(m, (int, float)) and math.isfinite(m) and m > 0 for m in multipliers):
+        raise ValueError(f"gamma_multipliers must be a non-empty list of finite numbers > 0 (multiples of the "
+                         f"nominal γ = 1/N), got {gamma_multipliers!r}.")
+    if not callable(inverse) and inverse not in INVERSES:
+        raise ValueError(f"Unknown inverse {inverse!r}; choose one of {INVERSES}.")
+    _check_lissa(lissa_steps, lissa_scale, lissa_damping)
+
+
+def _check_lissa(steps: int, scale: float, damping: float) -> None:
+    if steps < 1 or not scale > 0 or not 0 <= damping < 1:
+        raise ValueError(f"LiSSA needs lissa_steps ≥ 1, lissa_scale > 0 and 0 ≤ lissa_damping < 1; got {steps}, "
+                         f"{scale}, {damping}.")
+
+
+def _hessian_vector_product(model: nn.Module, parameters: list[nn.Parameter], inputs: Any, labels: Tensor,
+                            vector: list[Tensor], adapter: BatchAdapter) -> list[Tensor]:
+    """H v for one batch's mean cross-entropy by double backward; zero for parameters the gradient ignores."""
+    loss = F.cross_entropy(checked_logits(model, inputs, labels, adapter), labels)
+    grads = torch.autograd.grad(loss, parameters, create_graph=True)
+    curved = [i for i, g in enumerate(grads) if g.requires_grad]
+    products = [torch.zeros_like(p) for p in parameters]
+    if curved:
+        hv = torch.autograd.grad([grads[i] for i in curved], parameters, [vector[i] for i in curved],
+                                 allow_unused=True)
+        products = [z if h is None else h.detach() for z, h in zip(products, hv)]
+    return products
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    """The loader's batches, repeated without end."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("LiSSA needs a non-empty loader of D \\ C.")
+
+
+@torch.no_grad()
+def _place(parameters: Sequence[Tensor], start: Sequence[Tensor], direction: Sequence[Tensor],
+           gamma: float) -> None:
+    """Sets the parameters to start + γ · direction (exactly start for γ = 0)."""
+    if not all(torch.isfinite(d).all() for d in direction):
+        raise FloatingPointError("The Newton direction has NaN or infinite entries; raise `damping`, or check "
+                                 "that the causes' losses are finite.")
+    for p, s, d in zip(parameters, start, direction):
+        p.copy_(s + gamma * d if gamma else s)
