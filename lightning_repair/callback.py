@@ -130,12 +130,20 @@ class RepairCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = self._train_loader(trainer)
         Examples.from_dataloader(loader, "training")  # fail now, not after an epoch, on an unusable loader
-        if exclude_from(loader, self._removed, self.seed) and self._removed:
-            _restart_training_iterator(trainer)  # resumed: the first epoch's iterator predates the filter
+        exclude_from(loader, self._removed, self.seed)  # before the first batch is drawn, also when resuming
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A reloaded DataLoader (`reload_dataloaders_every_n_epochs`) needs the filter again.
         exclude_from(self._train_loader(trainer), self._removed, self.seed)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stopped_early = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        if self._due(trainer.current_epoch) and not stopped_early:  # the validation that runs a round did not run
+            raise RuntimeError(
+                f"RepairCallback was due to repair after epoch {trainer.current_epoch}, but no validation ran. It "
+                "needs a validation DataLoader (failures come from validation data only) and a validation run at "
+                "the end of each repair epoch: define `val_dataloader()` and `validation_step`, keep "
+                "`limit_val_batches` > 0, and make `every_n_epochs` a multiple of `check_val_every_n_epoch`.")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer.current_epoch):
@@ -292,13 +300,6 @@ def _single_loader(loaders: Any, role: str) -> DataLoader:
         raise ValueError(f"RepairCallback supports one training DataLoader, got {len(flat)}; training-set indices "
                          "would be ambiguous.")
     return flat[0]
-
-
-def _restart_training_iterator(trainer: pl.Trainer) -> None:
-    # Lightning creates the epoch's iterator before `on_train_start`; when resuming, no later hook re-creates it.
-    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-    if fetcher is not None:
-        iter(fetcher)
 
 
 def _accuracies(failures: FailureSet, predictions: Tensor, labels: Tensor, when: str) -> dict[str, float]:

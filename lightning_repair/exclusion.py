@@ -58,8 +58,8 @@ class ExcludingSampler(Sampler[int]):
             self.sampler.set_epoch(epoch)
 
 
-def exclude_from(loader: DataLoader, excluded: set[int], seed: int = 0) -> bool:
-    """Makes ``loader`` skip ``excluded`` indices from its next iteration on; False if it already does.
+def exclude_from(loader: DataLoader, excluded: set[int], seed: int = 0) -> None:
+    """Makes ``loader`` skip ``excluded`` indices from its next iteration on (idempotent).
 
     Raises:
         TypeError: when the loader cannot be filtered by index (iterable dataset, no batch sampler).
@@ -72,8 +72,6 @@ def exclude_from(loader: DataLoader, excluded: set[int], seed: int = 0) -> bool:
             "without a `.sampler`. Build the training DataLoader with `batch_size=` and `shuffle=` or `sampler=`."
         )
     if isinstance(batch_sampler.sampler, ExcludingSampler):
-        if batch_sampler.sampler.excluded is not excluded:
-            batch_sampler.sampler.excluded = excluded
-        return False
+        batch_sampler.sampler.excluded = excluded
+        return
     batch_sampler.sampler = ExcludingSampler(batch_sampler.sampler, excluded, len(loader.dataset), seed)
-    return True

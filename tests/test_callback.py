@@ -1,0 +1,199 @@
+"""RepairCallback inside a real Trainer.fit on small synthetic data with injected label flips."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, IterableDataset
+
+from helpers import BlobsDataModule, TinyClassifier
+from lightning_repair import RepairCallback
+from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, RandomScores,
+                                       TrainingLoss)
+from lightning_repair.treat import EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval
+
+
+class ServedIndices(Callback):
+    """Records the dataset indices of every training batch, by epoch."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, set[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.by_epoch.setdefault(trainer.current_epoch, set()).update(batch[2].tolist())
+
+
+def fit(tmp_path, repair: RepairCallback, max_epochs: int = 4, ckpt_path=None, datamodule=None, **trainer_args):
+    served = ServedIndices()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[repair, served, checkpoint], accelerator="cpu",
+                         logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                         **trainer_args)
+    torch.manual_seed(0)
+    datamodule = datamodule or BlobsDataModule()
+    trainer.fit(TinyClassifier(), datamodule, ckpt_path=ckpt_path)
+    return trainer, served, datamodule
+
+
+def test_removed_examples_are_never_served_after_their_round(tmp_path):
+    repair = RepairCallback(top_k=12, start_epoch=1, fisher_samples=64)
+    _, served, data = fit(tmp_path, repair, max_epochs=5)
+
+    assert [r["epoch"] for r in repair.rounds] == [1, 2, 3, 4]
+    assert len(repair.removed_indices) == 48 and repair.removed_indices == sorted(set(repair.removed_indices))
+    removed_so_far: set[int] = set()
+    for record in repair.rounds:
+        suspects = tmp_path / "lightning_logs" / "version_0" / "repair" / f"round_{record['round']:03d}_suspects.csv"
+        with suspects.open() as handle:
+            removed_now = {int(row["index"]) for row in csv.DictReader(handle) if row["removed"] == "1"}
+        assert len(removed_now) == record["removed"] == 12
+        assert not removed_now & removed_so_far, "an example was removed twice"
+        removed_so_far |= removed_now
+        for epoch in range(record["epoch"] + 1, 5):
+            assert not served.by_epoch[epoch] & removed_so_far
+    assert removed_so_far == set(repair.removed_indices)
+    # Training still sees every kept example: removal filters, it does not drop whole batches.
+    assert served.by_epoch[4] | removed_so_far == set(range(len(data.train_dataset)))
+    # The flips are over-represented among the removed examples (20 % of the data is flipped).
+    assert repair.rounds[-1]["precision"] is not None
+    flipped = set(data.flipped_indices.tolist())
+    assert len(removed_so_far & flipped) / len(removed_so_far) > 0.3
+
+
+def test_round_records_and_logged_metrics(tmp_path):
+    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=2, fisher_samples=64)
+    trainer, _, _ = fit(tmp_path, repair, max_epochs=3)
+
+    assert [r["epoch"] for r in repair.rounds] == [0, 2]
+    record = repair.rounds[0]
+    assert record["failures"] == record["query"] + record["holdout"] > 0
+    assert record["acc_fq_before"] == 0.0 and record["acc_fh_before"] == 0.0 and record["acc_r_before"] == 1.0
+    for key in ("acc_fq_after", "acc_fh_after", "acc_r_after"):
+        assert 0.0 <= record[key] <= 1.0
+    for phase in ("failures", "fisher", "scores", "treatment", "total"):
+        assert record[f"seconds_{phase}"] >= 0.0
+    with (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"repair/failures", "repair/removed", "repair/acc_fh_after", "repair/acc_r_after",
+            "repair/seconds_scores", "repair/precision"} <= logged
+    suspects = RepairCallback.log_dir(trainer) / "round_001_suspects.csv"
+    with suspects.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["index", "given_label", "predicted_label", "score", "removed"]
+    scores = [float(row["score"]) for row in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(row["removed"] == "1" for row in rows) == 10
+
+
+@pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
+def test_state_survives_checkpoint_and_resume(tmp_path, stop):
+    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
+                                 every_n_train_steps=5 if stop == "mid_epoch" else None)
+    limits = {"max_epochs": 2} if stop == "epoch_end" else {"max_epochs": 3, "max_steps": 25}  # 10 steps an epoch
+    trainer = pl.Trainer(callbacks=[repair, checkpoint], accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, **limits)
+    torch.manual_seed(0)
+    trainer.fit(TinyClassifier(), BlobsDataModule())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("RepairCallback"))
+    assert state["removed_indices"] == repair.removed_indices and len(state["rounds"]) == 2
+
+    class CheckOnStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.removed, self.rounds = list(resumed.removed_indices), [dict(r) for r in resumed.rounds]
+
+    resumed = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64)
+    check, served = CheckOnStart(), ServedIndices()
+    trainer = pl.Trainer(max_epochs=4, callbacks=[resumed, check, served, ModelCheckpoint(dirpath=tmp_path)],
+                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyClassifier(), BlobsDataModule(), ckpt_path=tmp_path / "last.ckpt")
+
+    assert check.removed == repair.removed_indices
+    assert check.rounds == repair.rounds
+    # The first epoch after resuming already skips what was removed before the checkpoint.
+    assert served.by_epoch[2] and not served.by_epoch[2] & set(repair.removed_indices)
+    assert [r["epoch"] for r in resumed.rounds] == [0, 1, 2, 3]
+
+
+def test_user_module_and_dataset_are_left_as_they_were(tmp_path):
+    data = BlobsDataModule()
+    x, y = data.train_dataset.x.clone(), data.train_dataset.y.clone()
+    seen = {}
+
+    class Probe(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            seen["flags"] = [p.requires_grad for p in pl_module.parameters()]
+            seen["hooks"] = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in pl_module.modules())
+
+    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[repair, Probe()], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    model = TinyClassifier()
+    trainer.fit(model, data)
+    assert len(repair.rounds) == 1
+    assert seen == {"flags": [True] * 4, "hooks": 0}
+    assert torch.equal(data.train_dataset.x, x) and torch.equal(data.train_dataset.y, y)
+
+
+SCORERS = [EWCInfluence(max_steps=10), LinearInfluence(), GradientDot(), KNNShapley(k=3), TrainingLoss(),
+           RandomScores()]
+TREATMENTS = [EWCUnlearning(max_steps=10), Finetune(steps=10), NewtonRemoval(), EnergyAlignment(fit_steps=5,
+                                                                                                  finetune_steps=5)]
+
+
+@pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: type(s).__name__)
+def test_every_scorer_runs_inside_fit(tmp_path, scorer):
+    repair = RepairCallback(scorer=scorer, treatment=Finetune(steps=2), start_epoch=0, fisher_samples=64,
+                            **({} if isinstance(scorer, KNNShapley) else {"top_k": 5}))
+    fit(tmp_path, repair, max_epochs=2)
+    assert len(repair.rounds) == 2 and "skipped" not in repair.rounds[0]
+    if isinstance(scorer, KNNShapley):  # its own rule, value < 0, picks the causes
+        assert repair.selection == {"threshold": 0.0}
+    else:
+        assert repair.rounds[0]["removed"] == 5
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS, ids=lambda t: type(t).__name__)
+def test_every_treatment_runs_inside_fit(tmp_path, treatment):
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=treatment, top_k=8, start_epoch=0, fisher_samples=64)
+    trainer, _, _ = fit(tmp_path, repair, max_epochs=2)
+    assert len(repair.rounds) == 2 and repair.rounds[-1]["removed_total"] == 16
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        for _ in range(32):
+            yield torch.randn(8), 0, 0
+
+
+def test_iterable_training_data_is_refused_before_training(tmp_path):
+    data = BlobsDataModule()
+    data.train_dataloader = lambda: DataLoader(Stream(), batch_size=8)
+    with pytest.raises(TypeError, match="map-style training dataset"):
+        fit(tmp_path, RepairCallback(), max_epochs=1, datamodule=data)
+
+
+def test_missing_validation_data_is_refused(tmp_path):
+    data = BlobsDataModule()
+    data.val_dataloader = lambda: []
+    with pytest.raises(RuntimeError, match="needs a validation DataLoader"):
+        fit(tmp_path, RepairCallback(start_epoch=0), max_epochs=1, datamodule=data, limit_val_batches=1)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"top_k": 3, "top_fraction": 0.1}, "only one of"),
+    ({"top_fraction": 1.5}, "top_fraction must be in"),
+    ({"fisher": "diagonal"}, "fisher must be one of"),
+    ({"every_n_epochs": 0}, "every_n_epochs"),
+])
+def test_bad_arguments_fail_at_construction(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        RepairCallback(**arguments)
