@@ -1,4 +1,4 @@
-"""The ``lightning-repair`` command: LightningCLI with the repair defaults.
+"""The ``lightning-repair`` command: LightningCLI with our model and data as defaults.
 
 Run a repair from a config, and swap the identification or treatment method by adding its file::
 
@@ -6,29 +6,24 @@ Run a repair from a config, and swap the identification or treatment method by a
     lightning-repair fit --config configs/fashion_mnist_repair.yaml --config configs/identify/knn_shapley.yaml
 
 The model defaults to :class:`~lightning_repair.models.ImageClassifier` and the data to
-:class:`~lightning_repair.data.FashionMNISTDataModule`; any other LightningModule or LightningDataModule is
-chosen by ``class_path``. ``lightning-repair fit --config ... --print_config`` shows the composed config.
+:class:`~lightning_repair.data.FashionMNISTDataModule`; any LightningModule or LightningDataModule can replace
+them by ``class_path`` (``--model my_package.MyModel``). Add ``--print_config`` to see the composed config.
 """
 
 from __future__ import annotations
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from lightning_repair.data import FashionMNISTDataModule
-from lightning_repair.models import ImageClassifier
-
 
 class RepairCLI(LightningCLI):
-    """LightningCLI that accepts any LightningModule and LightningDataModule, defaulting to ours."""
+    """LightningCLI that takes any LightningModule and LightningDataModule, by default ours."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Subclass mode with model_class=ImageClassifier would only accept ImageClassifier's subclasses; so the
-        # base stays LightningModule and our classes are defaults.
-        parser.set_defaults({"model": {"class_path": f"{ImageClassifier.__module__}.{ImageClassifier.__name__}"},
-                             "data": {"class_path": f"{FashionMNISTDataModule.__module__}."
-                                                    f"{FashionMNISTDataModule.__name__}"}})
+        # Not `model_class=ImageClassifier` with subclass mode: that would accept only ImageClassifier's subclasses.
+        parser.set_defaults({"model": {"class_path": "lightning_repair.models.ImageClassifier"},
+                             "data": {"class_path": "lightning_repair.data.FashionMNISTDataModule"}})
 
 
-def main(args: ArgsType = None) -> RepairCLI:
+def main(args: ArgsType = None) -> None:
     """Runs the command line; ``args`` (e.g. ``["fit", "--config", "repair.yaml"]``) replaces ``sys.argv[1:]``."""
-    return RepairCLI(args=args)
+    RepairCLI(args=args)

@@ -1,0 +1,99 @@
+"""Tests of lightning_repair.cli and configs/: every config parses; the per-method files compose with the main one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_repair import RepairCallback
+from lightning_repair.cli import RepairCLI, main
+from lightning_repair.identify import KNNShapley
+from lightning_repair.treat import NewtonRemoval
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MAIN = CONFIGS / "fashion_mnist_repair.yaml"
+# Each per-method file, and the scorer or treatment it should put into the main config's RepairCallback.
+METHODS = {
+    "identify/ewc_influence.yaml": ("scorer", "lightning_repair.identify.EWCInfluence"),
+    "identify/linear_influence.yaml": ("scorer", "lightning_repair.identify.LinearInfluence"),
+    "identify/gradient_dot.yaml": ("scorer", "lightning_repair.identify.GradientDot"),
+    "identify/knn_shapley.yaml": ("scorer", "lightning_repair.identify.KNNShapley"),
+    "identify/training_loss.yaml": ("scorer", "lightning_repair.identify.TrainingLoss"),
+    "identify/random.yaml": ("scorer", "lightning_repair.identify.RandomScores"),
+    "treat/ewc_unlearning.yaml": ("treatment", "lightning_repair.treat.EWCUnlearning"),
+    "treat/finetune.yaml": ("treatment", "lightning_repair.treat.Finetune"),
+    "treat/newton_removal.yaml": ("treatment", "lightning_repair.treat.NewtonRemoval"),
+    "treat/energy_alignment.yaml": ("treatment", "lightning_repair.treat.EnergyAlignment"),
+}
+MAIN_METHODS = {"scorer": "lightning_repair.identify.EWCInfluence", "treatment": "lightning_repair.treat.EWCUnlearning"}
+
+
+@pytest.fixture(autouse=True)
+def _no_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI warns when it gets both `args` and command-line arguments (pytest's own).
+    monkeypatch.setattr(sys, "argv", ["lightning-repair"])
+
+
+def printed_config(capsys: pytest.CaptureFixture, *configs: Path) -> dict:
+    """The composed config that ``lightning-repair fit --config ... --print_config`` prints."""
+    args = ["fit"] + [arg for config in configs for arg in ("--config", str(config))] + ["--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (None, 0)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def repair_callback(config: dict) -> dict:
+    """The init_args of the only callback, which must be a RepairCallback."""
+    (callback,) = config["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_repair.RepairCallback"
+    return callback["init_args"]
+
+
+def test_every_config_is_tested() -> None:
+    found = {path.relative_to(CONFIGS).as_posix() for path in CONFIGS.rglob("*.yaml")}
+    assert found == {MAIN.name, *METHODS}
+
+
+def test_main_config(capsys: pytest.CaptureFixture) -> None:
+    config = printed_config(capsys, MAIN)
+    init_args = repair_callback(config)
+    assert {key: init_args[key]["class_path"] for key in MAIN_METHODS} == MAIN_METHODS
+    assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher"],
+            init_args["fisher_samples"]) == (0, 0.02, "mc", 1000)
+    assert config["trainer"]["max_epochs"] == 5
+    assert config["model"]["class_path"] == "lightning_repair.models.ImageClassifier"
+    assert config["data"]["class_path"] == "lightning_repair.data.FashionMNISTDataModule"
+    assert config["data"]["init_args"]["noise"] == "pairs"
+
+
+@pytest.mark.parametrize("method_file", sorted(METHODS))
+def test_method_file_composes_with_main_config(capsys: pytest.CaptureFixture, method_file: str) -> None:
+    init_args = repair_callback(printed_config(capsys, MAIN, CONFIGS / method_file))
+    role, class_path = METHODS[method_file]
+    assert {key: init_args[key]["class_path"] for key in MAIN_METHODS} == {**MAIN_METHODS, role: class_path}
+    # The main config's other settings survive; KNN-Shapley alone clears top_fraction to use its own rule.
+    top_fraction = None if class_path.endswith("KNNShapley") else 0.02
+    assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher_samples"]) == (0, top_fraction, 1000)
+
+
+def test_defaults_and_any_lightning_module(capsys: pytest.CaptureFixture) -> None:
+    assert printed_config(capsys)["model"]["class_path"] == "lightning_repair.models.ImageClassifier"
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "lightning.pytorch.demos.boring_classes.BoringModel", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"].endswith("BoringModel")
+
+
+def test_composed_config_instantiates(tmp_path: Path) -> None:
+    cli = RepairCLI(run=False, args=["--config", str(MAIN), "--config", str(CONFIGS / "identify/knn_shapley.yaml"),
+                                     "--config", str(CONFIGS / "treat/newton_removal.yaml"),
+                                     "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                                     "--trainer.default_root_dir", str(tmp_path)])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, RepairCallback)]
+    assert isinstance(callback.scorer, KNNShapley) and isinstance(callback.treatment, NewtonRemoval)
+    assert callback.selection == {"threshold": KNNShapley.natural_threshold}  # value < 0, the scorer's rule
+    assert (callback.start_epoch, callback.fisher_samples) == (0, 1000)
+    assert cli.datamodule.train_dataset is None  # nothing read before `fit` calls setup
