@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,13 @@ class RepairCallback(Callback):
             default all trainable parameters.
         batch_size: batch size of the repair passes; default the training DataLoader's.
         adapter: how to read inputs, labels and logits; default handles ``(x, y)`` and dict batches.
-        suspects_to_report: rows of each round's suspects CSV (the removed examples are always included).
+        suspects_to_report: rows of each round's suspects CSV (the causes are always included).
+        max_remaining_drop: roll a round back (keep θ̂ and put C back into training) when accuracy on R drops by
+            more than this, or accuracy on F_h does not improve; None keeps every treatment.
+        report: also write, per round, PNG figures (top suspects with given → predicted labels, score histogram,
+            accuracy before/after, and the detection curve when the data module has ``flipped_indices``) and a
+            Markdown page beside the CSV; the suspects grid also goes to loggers that take images (TensorBoard).
+        report_images: suspects shown in the report's image grid.
         seed: seed of the failure split, Fisher sampling and random scores; each round adds its number.
 
     Example::
@@ -85,6 +92,9 @@ class RepairCallback(Callback):
         batch_size: int | None = None,
         adapter: BatchAdapter | None = None,
         suspects_to_report: int = 500,
+        max_remaining_drop: float | None = 0.01,
+        report: bool = False,
+        report_images: int = 32,
         seed: int = 0,
     ) -> None:
         check_selection(top_k, top_fraction, threshold)
@@ -106,7 +116,10 @@ class RepairCallback(Callback):
         self.query_fraction, self.max_failures, self.stop_fraction = query_fraction, max_failures, stop_fraction
         self.params, self.batch_size = params, batch_size
         self.adapter = adapter or BatchAdapter()
-        self.suspects_to_report, self.seed = suspects_to_report, seed
+        if max_remaining_drop is not None and not 0.0 <= max_remaining_drop <= 1.0:
+            raise ValueError(f"max_remaining_drop must be in [0, 1] or None, got {max_remaining_drop}.")
+        self.suspects_to_report, self.max_remaining_drop, self.seed = suspects_to_report, max_remaining_drop, seed
+        self.report, self.report_images = report, report_images
         self.rounds: list[RoundRecord] = []
         self._removed: set[int] = set()
 
@@ -175,6 +188,9 @@ class RepairCallback(Callback):
                       remaining=len(failures.remaining), dropped_failures=failures.dropped,
                       seconds_failures=clock.lap())
         record.update(_accuracies(failures, predictions, labels, "before"))
+        if failures.dropped:
+            rank_zero_info(f"RepairCallback: {failures.size + failures.dropped} failures; using a random "
+                           f"{failures.size} of them (max_failures={self.max_failures}).")
         kept = torch.tensor(sorted(set(range(len(train.dataset))) - self._removed), dtype=torch.long)
         if len(failures.query) == 0:
             rank_zero_info("RepairCallback: no failures on the validation data; nothing to repair this round.")
@@ -182,7 +198,11 @@ class RepairCallback(Callback):
 
         fisher = None
         if self.scorer.needs_fisher or self.treatment.needs_fisher:
-            fisher = self._fisher(model, train, kept, seed)
+            try:
+                fisher = self._fisher(model, train, kept, seed)
+            except FloatingPointError as error:
+                rank_zero_warn(f"RepairCallback: skipping this round: {error}")
+                return _skipped(record, "non-finite Fisher", len(self._removed), clock)
         record["seconds_fisher"] = clock.lap()
 
         query_loader, stop_loader = self._query_loaders(validation, failures.query, seed)
@@ -204,28 +224,46 @@ class RepairCallback(Callback):
             rank_zero_warn(f"RepairCallback: the selection would remove all {len(kept)} remaining training "
                            "examples; skipping this round. Use a smaller top_k/top_fraction or a higher threshold.")
             return _skipped(record, "would remove everything", len(self._removed), clock)
-        remaining_train = torch.tensor(sorted(set(kept.tolist()) - set(causes.tolist())), dtype=torch.long)
+        suspects = self._suspects(model, train, scores, causes)
         if len(causes):
             generator = torch.Generator().manual_seed(seed)
+            without_causes = kept[~torch.isin(kept, causes)]
             self.treatment.treat(TreatmentInputs(
                 model=model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
-                kept=train.subset(remaining_train).loader(shuffle=True, generator=generator),
+                kept=train.subset(without_causes).loader(shuffle=True, generator=generator),
                 query=validation.subset(failures.query).loader(),
                 check=validation.subset(torch.cat([failures.query, failures.guard]).sort().values).loader(),
-                fisher=fisher, n_train=len(kept),
-                adapter=self.adapter, seed=seed))
-            copy_parameters_(pl_module, model)
+                fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
         record["seconds_treatment"] = clock.lap()
 
         predictions_after, _ = predict(model, validation.loader(), self.adapter)
         record.update(_accuracies(failures, predictions_after, labels, "after"))
-        self._removed.update(causes.tolist())
+        rollback = self._rollback_reason(record) if len(causes) else None
+        if rollback is None:
+            copy_parameters_(pl_module, model)
+            self._removed.update(causes.tolist())
+        else:  # keep θ̂, and C stays in training
+            rank_zero_info(f"RepairCallback: round {round_number} rolled back: {rollback}.")
+        removed = causes if rollback is None else causes[:0]
         flipped = getattr(trainer.datamodule, "flipped_indices", None) if trainer.datamodule is not None else None
-        record.update(removed=len(causes), removed_total=len(self._removed),
+        record.update(causes=len(causes), removed=len(removed), removed_total=len(self._removed),
+                      accepted=rollback is None, rollback=rollback,
                       precision=precision(causes, flipped) if flipped is not None else None,
                       seconds_total=clock.total())
-        self._write_suspects(trainer, round_number, scores, train, model, causes)
+        self._report(trainer, record, scores, train, suspects, removed)
         return record
+
+    def _rollback_reason(self, record: RoundRecord) -> str | None:
+        """Why the treated weights must not be kept, or None to keep them."""
+        if self.max_remaining_drop is None:
+            return None
+        drop = record["acc_r_before"] - record["acc_r_after"]
+        if drop > self.max_remaining_drop:
+            return f"accuracy on R dropped by {drop:.4f} > max_remaining_drop={self.max_remaining_drop}"
+        if record["holdout"] and not record["acc_fh_after"] > record["acc_fh_before"]:
+            return (f"accuracy on the held-out failures F_h did not improve ({record['acc_fh_before']:.4f} → "
+                    f"{record['acc_fh_after']:.4f})")
+        return None
 
     def _fisher(self, model: torch.nn.Module, train: Examples, kept: Tensor, seed: int) -> list[Tensor]:
         generator = torch.Generator().manual_seed(seed)
@@ -244,20 +282,51 @@ class RepairCallback(Callback):
         return (validation.subset(order[n_stop:].sort().values).loader(),
                 validation.subset(order[:n_stop].sort().values).loader())
 
-    def _write_suspects(self, trainer: pl.Trainer, round_number: int, scores: Tensor, train: Examples,
-                        model: torch.nn.Module, causes: Tensor) -> None:
-        if not trainer.is_global_zero:
-            return
+    def _suspects(self, model: torch.nn.Module, train: Examples, scores: Tensor, causes: Tensor) -> "_Suspects":
+        """The top-scored examples and every cause, with given labels and θ̂'s predictions, highest score first."""
         eligible = torch.nonzero(~torch.isnan(scores)).flatten()
         top = eligible[torch.argsort(scores[eligible], descending=True, stable=True)][: self.suspects_to_report]
         order = torch.cat([top, causes[~torch.isin(causes, top)]])
-        suspects = train.subset(order)
-        predicted, given = predict(model, suspects.loader(), self.adapter)
-        by_index = torch.zeros(len(train.dataset), dtype=torch.long)
-        given_by_index = by_index.clone()
-        by_index[order], given_by_index[order] = predicted, given
-        write_suspects(self.log_dir(trainer) / f"round_{round_number:03d}_suspects.csv", order, scores,
-                       given_by_index, by_index, causes)
+        predicted, given = predict(model, train.subset(order).loader(), self.adapter)
+        return _Suspects(order, given, predicted)
+
+    def _report(self, trainer: pl.Trainer, record: RoundRecord, scores: Tensor, train: Examples,
+                suspects: "_Suspects", removed: Tensor) -> None:
+        """The suspects CSV, and with ``report=True`` the figures, a Markdown page and the logger's image."""
+        if not trainer.is_global_zero:
+            return
+        directory = self.log_dir(trainer)
+        csv_path = directory / f"round_{record['round']:03d}_suspects.csv"
+        write_suspects(csv_path, suspects.order, scores[suspects.order], suspects.given, suspects.predicted, removed)
+        if not self.report:
+            return
+        from lightning_repair import visual
+
+        datamodule = trainer.datamodule
+        flipped = getattr(datamodule, "flipped_indices", None)
+        figures = {"scores": visual.score_histogram(scores, suspects.order[:0] if not len(removed) else removed,
+                                                    flipped),
+                   "accuracy": visual.accuracy_bars(record)}
+        if flipped is not None:
+            figures["detection"] = visual.detection_curve(scores, flipped)
+        shown = suspects.order[: self.report_images]
+        images = self._images(train.subset(shown))
+        if images is not None:
+            figures["suspects"] = visual.suspect_grid(images, suspects.given[: len(shown)].tolist(),
+                                                      suspects.predicted[: len(shown)].tolist(),
+                                                      scores[shown].tolist(), getattr(datamodule, "class_names", None))
+            for logger in trainer.loggers:
+                if hasattr(getattr(logger, "experiment", None), "add_image"):
+                    logger.experiment.add_image("repair/suspects", visual.suspect_grid_tensor(images),
+                                                trainer.global_step)
+        visual.write_round_report(directory, record, figures, csv_path)
+
+    def _images(self, examples: Examples) -> Tensor | None:
+        """The examples' inputs as a (K, C, H, W) image batch, or None when they are not images."""
+        inputs = torch.cat([self.adapter.inputs(batch) for batch in examples.loader()])
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() not in (3, 4):
+            return None
+        return inputs.unsqueeze(1) if inputs.dim() == 3 else inputs
 
     # ---- helpers ------------------------------------------------------------------------------------------
 
@@ -309,8 +378,8 @@ def _accuracies(failures: FailureSet, predictions: Tensor, labels: Tensor, when:
 
 
 def _skipped(record: RoundRecord, reason: str, removed_total: int, clock: "_Clock") -> RoundRecord:
-    record.update(skipped=reason, removed=0, removed_total=removed_total, precision=None,
-                  seconds_total=clock.total())
+    record.update(skipped=reason, causes=0, removed=0, removed_total=removed_total, accepted=False, rollback=None,
+                  precision=None, seconds_total=clock.total())
     for part in ("fq", "fh", "r"):
         record[f"acc_{part}_after"] = record.get(f"acc_{part}_before")
     return record
@@ -323,6 +392,15 @@ def _progress_bar(trainer: pl.Trainer):
         return tqdm(loader, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
 
     return wrap
+
+
+@dataclass(frozen=True)
+class _Suspects:
+    """Dataset indices of a round's suspects, highest score first, with given labels and θ̂'s predictions."""
+
+    order: Tensor
+    given: Tensor
+    predicted: Tensor
 
 
 class _Clock:

@@ -47,6 +47,16 @@ def checked_logits(model: nn.Module, inputs: Any, labels: Tensor, adapter: Batch
             f"The model returned {shape} for a batch of {labels.shape[0]} examples; RepairCallback needs class "
             "logits of shape (batch, classes). Override `BatchAdapter.logits` to return them."
         )
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"The model returned {logits.shape[1]} output per example; RepairCallback repairs classifiers and needs "
+            "class logits of shape (batch, classes ≥ 2), not a regression or single-logit head."
+        )
+    if (logits.detach() >= 0).all() and torch.allclose(logits.detach().sum(dim=1), logits.new_ones(()), atol=1e-5):
+        raise ValueError(
+            "The model's outputs are probabilities (non-negative, summing to 1): RepairCallback needs logits, "
+            "the input of cross-entropy. Drop the final softmax, or override `BatchAdapter.logits` to return logits."
+        )
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise ValueError(
             f"Labels range over [{int(labels.min())}, {int(labels.max())}] but the model has {logits.shape[1]} "
@@ -59,8 +69,40 @@ def _leaves(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if next(module.children(), None) is None]
 
 
+class _BackpackHooks:
+    """BackPACK's hooks on the leaf modules of a model, and a count of their calls per forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.leaves = [m for m in _leaves(model) if not getattr(m, "_backpack_extend", False)]
+        self.calls: dict[int, int] = {}
+        self.handles = [hook for m in self.leaves for hook in (
+            m.register_forward_hook(self._count),
+            m.register_forward_hook(hook_store_io),
+            m.register_full_backward_hook(hook_run_extensions))]
+
+    def _count(self, module: nn.Module, *_: Any) -> None:
+        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+
+    def check_forward(self) -> None:
+        """Raises if a module ran twice in the last forward pass: BackPACK keeps only its last input."""
+        reused = [self.names[i] for i, count in self.calls.items() if count > 1]
+        self.calls.clear()
+        if reused:
+            raise ValueError(
+                f"Module(s) {reused} run more than once in one forward pass; BackPACK stores one input per module, "
+                "so its gradients and Fisher would be wrong. Use a separate module instance per use, or restrict "
+                "the repair with `params=[...]` to modules that run once and after the reused ones.")
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for module in self.leaves:
+            memory_cleanup(module)
+
+
 @contextmanager
-def backpack_ready(model: nn.Module) -> Iterator[nn.Module]:
+def backpack_ready(model: nn.Module) -> Iterator[_BackpackHooks]:
     """BackPACK's hooks on every leaf module of ``model`` for the duration of the block, then removed.
 
     Containers (``Sequential``, the LightningModule itself) stay plain, so a custom ``forward`` that only
@@ -68,19 +110,27 @@ def backpack_ready(model: nn.Module) -> Iterator[nn.Module]:
     extensions (the Fisher), so keep them inside modules or restrict the repair with ``params=``. Outside the
     block the model runs at full speed, without BackPACK storing every layer's input.
     """
-    leaves = [m for m in _leaves(model) if not getattr(m, "_backpack_extend", False)]
-    handles = [hook for m in leaves for hook in (m.register_forward_hook(hook_store_io),
-                                                 m.register_full_backward_hook(hook_run_extensions))]
+    hooks = _BackpackHooks(model)
     try:
         with warnings.catch_warnings():
             # BackPACK relies on backward hooks of layers whose inputs need no gradient (the first layer).
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            yield model
+            yield hooks
     finally:
-        for handle in handles:
-            handle.remove()
-        for module in leaves:
-            memory_cleanup(module)
+        hooks.remove()
+
+
+def _backward_with(extension: Any, loss: Tensor, model: nn.Module) -> None:
+    """``loss.backward()`` with a BackPACK extension, turning "no extension for this module" into advice."""
+    try:
+        with backpack(extension):
+            loss.backward()
+    except NotImplementedError as error:
+        names = [name for name, m in model.named_modules() if type(m).__name__ in str(error) and name]
+        raise ValueError(
+            f"BackPACK does not support {names or 'a layer'} of the model for {type(extension).__name__} ({error}). "
+            "Restrict the repair to supported submodules, e.g. the classifier head: `RepairCallback(params=[...])`."
+        ) from error
 
 
 def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor,
@@ -99,10 +149,10 @@ def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor,
     adapter = adapter or BatchAdapter()
     loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
     parameters = trainable(model)
-    with torch.enable_grad(), backpack_ready(model):
+    with torch.enable_grad(), backpack_ready(model) as hooks:
         logits = checked_logits(model, inputs, labels, adapter)
-        with backpack(BatchGrad()):
-            loss_fn(logits, labels).backward()
+        hooks.check_forward()
+        _backward_with(BatchGrad(), loss_fn(logits, labels), model)
     grads = [p.grad_batch.detach() for p in parameters]
     for p in parameters:
         p.grad, p.grad_batch = None, None
@@ -135,11 +185,11 @@ def diagonal_fisher(model: nn.Module, loader: DataLoader, kind: FisherKind = "mc
     parameters = trainable(model)
     total = [torch.zeros_like(p) for p in parameters]
     count = 0
-    with torch.enable_grad(), backpack_ready(model):
+    with torch.enable_grad(), backpack_ready(model) as hooks:
         for inputs, labels in batches(loader, model, adapter):
             logits = checked_logits(model, inputs, labels, adapter)
-            with backpack(extension):
-                loss_fn(logits, labels).backward()
+            hooks.check_forward()
+            _backward_with(extension, loss_fn(logits, labels), model)
             for acc, p in zip(total, parameters):
                 acc += getattr(p, attribute).detach()
                 setattr(p, attribute, None)

@@ -290,7 +290,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
         flipped_indices: Sorted long tensor of indices into ``train_dataset``
             whose label was flipped.
         clean_train_labels: Long tensor of the training labels before noise.
+        class_names: The ten class names, for reports.
     """
+
+    class_names = CLASS_NAMES
 
     def __init__(
         self,

@@ -45,7 +45,8 @@ def repair_copy(model: nn.Module, params: Sequence[str] | None = None) -> nn.Mod
     """A deep copy of ``model`` in eval mode with only the scoped parameters trainable.
 
     Repair work happens on this copy, so the user's module keeps its hooks, mode and grad flags; an attached
-    Lightning ``Trainer`` is shared, not copied.
+    Lightning ``Trainer`` is shared, not copied. In-place activations (``ReLU(inplace=True)``) of the copy are
+    made out-of-place, which computes the same values.
     """
     memo: dict[int, object] = {}
     for attribute in ("_trainer", "_fabric"):
@@ -57,6 +58,9 @@ def repair_copy(model: nn.Module, params: Sequence[str] | None = None) -> nn.Mod
     clone = copy.deepcopy(model, memo)
     for parameter, trainable in zip(clone.parameters(), flags):
         parameter.requires_grad_(trainable)
+    for module in clone.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False  # in-place activations overwrite the inputs BackPACK stores; same values without
     return clone.eval()
 
 

@@ -51,17 +51,17 @@ def write_suspects(path: Path, order: Tensor, scores: Tensor, given: Tensor, pre
     Args:
         path: the CSV file to write (its folder is created).
         order: dataset indices of the suspects, highest score first.
-        scores, given, predicted: per training example, indexed by dataset index.
+        scores, given, predicted: per suspect, aligned with ``order``.
         removed: dataset indices removed in this round.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     removed_set = set(removed.tolist())
     with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["index", "given_label", "predicted_label", "score", "removed"])
-        for index in order.tolist():
-            writer.writerow([index, int(given[index]), int(predicted[index]), f"{float(scores[index]):.6g}",
-                             int(index in removed_set)])
+        for index, label, prediction, score in zip(order.tolist(), given.tolist(), predicted.tolist(),
+                                                   scores.tolist()):
+            writer.writerow([index, label, prediction, f"{score:.6g}", int(index in removed_set)])
 
 
 def format_table(rounds: Sequence[RoundRecord]) -> str:

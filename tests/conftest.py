@@ -57,3 +57,9 @@ def restore_default_dtype():
     default = torch.get_default_dtype()
     yield
     torch.set_default_dtype(default)
+
+
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own folder, so Trainer defaults (``lightning_logs/``, ``repair/``) land there."""
+    monkeypatch.chdir(tmp_path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -67,3 +70,16 @@ class TinyClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def write_fake_fashion_mnist(folder: Path, train: int = 300, test: int = 50) -> None:
+    """Random images and labels as the four gzipped IDX files of Fashion-MNIST."""
+    generator = torch.Generator().manual_seed(0)
+    for stem, count in (("train", train), ("t10k", test)):
+        images = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 10, (count,), dtype=torch.uint8, generator=generator)
+        with gzip.open(folder / f"{stem}-images-idx3-ubyte.gz", "wb") as handle:
+            handle.write(bytes([0, 0, 8, 3]) + count.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+                         + images.numpy().tobytes())
+        with gzip.open(folder / f"{stem}-labels-idx1-ubyte.gz", "wb") as handle:
+            handle.write(bytes([0, 0, 8, 1]) + count.to_bytes(4, "big") + labels.numpy().tobytes())

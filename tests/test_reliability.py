@@ -1,0 +1,318 @@
+"""A repair never makes things worse, and bad input gets a clear answer."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from helpers import Blobs, BlobsDataModule, TinyClassifier, write_fake_fashion_mnist
+from lightning_repair import RepairCallback
+from lightning_repair.identify import LinearInfluence, Scorer, TrainingLoss
+from lightning_repair.treat import EWCUnlearning, Finetune, Treatment
+
+
+def run(repair: RepairCallback, model: pl.LightningModule | None = None, data=None, max_epochs: int = 2,
+        extra: list[Callback] | None = None) -> pl.Trainer:
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[*(extra or []), repair], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    torch.manual_seed(0)
+    trainer.fit(model or TinyClassifier(), data or BlobsDataModule())
+    return trainer
+
+
+class Snapshot(Callback):
+    """Parameters and buffers of the module just before the repair callback runs (placed before it)."""
+
+    def on_validation_end(self, trainer, pl_module):
+        self.state = copy.deepcopy(pl_module.state_dict())
+
+
+class Scramble(Treatment):
+    """Breaks the model: every weight set to noise."""
+
+    def treat(self, inputs):
+        with torch.no_grad():
+            for p in inputs.model.parameters():
+                p.copy_(torch.randn_like(p) * 10)
+
+
+class TrainOnCleanLabels(Treatment):
+    """An oracle that fits the copy to the clean training labels: failures due to the flips get fixed."""
+
+    def __init__(self, dataset: Blobs) -> None:
+        self.dataset = dataset
+
+    def treat(self, inputs):
+        optimizer = torch.optim.Adam(inputs.model.parameters(), lr=1e-2)
+        for _ in range(200):
+            optimizer.zero_grad()
+            F.cross_entropy(inputs.model(self.dataset.x), self.dataset.clean).backward()
+            optimizer.step()
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_that_breaks_what_works_is_rolled_back(caplog):
+    before = Snapshot()
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Scramble(), top_k=10, start_epoch=0)
+    with caplog.at_level(logging.INFO):
+        trainer = run(repair, max_epochs=1, extra=[before])
+    record = repair.rounds[0]
+    assert record["accepted"] is False and "accuracy on R dropped" in record["rollback"]
+    assert record["causes"] == 10 and record["removed"] == 0 and repair.removed_indices == []
+    assert same_state(before.state, trainer.lightning_module.state_dict())
+    assert "rolled back" in caplog.text
+
+
+def test_round_whose_failures_do_not_improve_is_rolled_back():
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Finetune(steps=0), top_k=10, start_epoch=0)
+    run(repair, max_epochs=2)
+    assert all(not r["accepted"] and "F_h did not improve" in r["rollback"] for r in repair.rounds)
+    assert repair.removed_indices == []
+
+
+def test_round_that_fixes_failures_is_accepted():
+    data = BlobsDataModule(flip=0.3)
+    before = Snapshot()
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=TrainOnCleanLabels(data.train_dataset), top_k=10,
+                            start_epoch=0, max_remaining_drop=0.1)
+    trainer = run(repair, data=data, max_epochs=1, extra=[before])
+    record = repair.rounds[0]
+    assert record["accepted"] is True and record["rollback"] is None, record
+    assert record["acc_fh_after"] > record["acc_fh_before"]
+    assert record["acc_r_before"] - record["acc_r_after"] <= 0.1
+    assert len(repair.removed_indices) == 10
+    assert not same_state(before.state, trainer.lightning_module.state_dict())
+
+
+def test_rollback_can_be_disabled():
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Scramble(), top_k=10, start_epoch=0,
+                            max_remaining_drop=None)
+    run(repair, max_epochs=1)
+    assert repair.rounds[0]["accepted"] is True and len(repair.removed_indices) == 10
+
+
+# ---- skips that are right, each logged ----------------------------------------------------------------------
+
+
+class NaNScores(Scorer):
+    def score(self, inputs):
+        return torch.full((len(inputs.train.dataset),), float("nan"))
+
+
+def test_non_finite_scores_skip_the_round():
+    repair = RepairCallback(scorer=NaNScores(), top_k=5, start_epoch=0)
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        run(repair, max_epochs=1)
+    assert repair.rounds[0]["skipped"] == "non-finite scores" and repair.removed_indices == []
+
+
+def test_empty_failure_set_skips_the_round(caplog):
+    data = BlobsDataModule(flip=0.0)
+    data.val_dataset = Blobs(30, seed=1)
+    data.val_dataset.x = data.val_dataset.x * 0 + data.train_dataset.x[:30]  # validate on what it fits
+    data.val_dataset.y = data.train_dataset.y[:30]
+    model = TinyClassifier()
+
+    class Memorise(Callback):  # make V perfectly classified before the round
+        def on_validation_start(self, trainer, pl_module):
+            optimizer = torch.optim.Adam(pl_module.parameters(), lr=1e-2)
+            with torch.inference_mode(False), torch.enable_grad():
+                for _ in range(300):
+                    optimizer.zero_grad()
+                    F.cross_entropy(pl_module(data.val_dataset.x.clone()), data.val_dataset.y.clone()).backward()
+                    optimizer.step()
+
+    repair = RepairCallback(top_k=5, start_epoch=0)
+    with caplog.at_level(logging.INFO):
+        run(repair, model=model, data=data, max_epochs=1, extra=[Memorise()])
+    assert repair.rounds[0]["skipped"] == "no failures" and "no failures" in caplog.text
+
+
+def test_too_many_failures_are_subsampled(caplog):
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Finetune(steps=1), top_k=5, start_epoch=0,
+                            max_failures=4, max_remaining_drop=None)
+    with caplog.at_level(logging.INFO):
+        run(repair, max_epochs=1)
+    record = repair.rounds[0]
+    assert record["failures"] == 4 and record["query"] == 2 and record["dropped_failures"] > 0
+    assert "max_failures=4" in caplog.text
+
+
+def test_a_selection_that_would_remove_everything_is_skipped():
+    repair = RepairCallback(scorer=TrainingLoss(), top_k=10_000, start_epoch=0)
+    with pytest.warns(UserWarning, match="would remove all"):
+        run(repair, max_epochs=1)
+    assert repair.rounds[0]["skipped"] == "would remove everything"
+
+
+# ---- clear errors --------------------------------------------------------------------------------------------
+
+
+class Wrapped(Dataset):
+    """Blobs as dicts with keys the default adapter does not know."""
+
+    def __init__(self, base: Blobs) -> None:
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y, _ = self.base[i]
+        return {"pixels": x, "class_id": y}
+
+
+class DictModel(TinyClassifier):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["pixels"]), batch["class_id"])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_unknown_batch_format_names_the_adapter():
+    data = BlobsDataModule()
+    data.train_dataloader = lambda: DataLoader(Wrapped(data.train_dataset), batch_size=32, shuffle=True)
+    data.val_dataloader = lambda: DataLoader(Wrapped(data.val_dataset), batch_size=32)
+    with pytest.raises(ValueError, match="Cannot find the inputs.*BatchAdapter"):
+        run(RepairCallback(start_epoch=0), model=DictModel(), data=data, max_epochs=1)
+
+
+class Head(TinyClassifier):
+    def __init__(self, outputs: int, softmax: bool = False) -> None:
+        super().__init__()
+        self.net[-1] = nn.Linear(16, outputs)
+        self.softmax = softmax
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.softmax(dim=1) if self.softmax else out
+
+    def training_step(self, batch, batch_idx):  # the user's own steps do not care about the output's meaning
+        return self(batch[0]).float().mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+@pytest.mark.parametrize("model, message", [
+    (Head(1), "not a regression or single-logit head"),
+    (Head(2), r"Labels range over \[0, 2\] but the model has 2 classes"),
+    (Head(3, softmax=True), "outputs are probabilities"),
+])
+def test_outputs_that_are_not_class_logits_are_refused(model, message):
+    with pytest.raises(ValueError, match=message):
+        run(RepairCallback(start_epoch=0), model=model, max_epochs=1)
+
+
+class Twice(TinyClassifier):
+    """Runs the same hidden layer twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.net[1](self.net[0](x))
+        return self.net[2](self.hidden(self.hidden(h).relu()).relu())
+
+
+def test_a_module_used_twice_in_forward_is_refused():
+    with pytest.raises(ValueError, match=r"\['hidden'\] run more than once"):
+        run(RepairCallback(scorer=LinearInfluence(), start_epoch=0), model=Twice(), max_epochs=1)
+
+
+class Unsupported(nn.Module):
+    """A parameterised layer BackPACK has no extension for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class WithUnsupported(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), Unsupported(), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_unsupported_layer_points_to_params():
+    with pytest.raises(ValueError, match=r"BackPACK does not support \['net.1'\].*params="):
+        run(RepairCallback(start_epoch=0), model=WithUnsupported(), max_epochs=1)
+    # Restricted to the head, the same model repairs.
+    repair = RepairCallback(start_epoch=0, params=["net.3"], max_remaining_drop=None, top_k=5)
+    run(repair, model=WithUnsupported(), max_epochs=1)
+    assert repair.rounds[0]["removed"] == 5
+
+
+class InPlace(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[1] = nn.ReLU(inplace=True)
+
+
+def test_in_place_activations_give_the_same_scores():
+    scores = []
+    for model in (InPlace(), TinyClassifier()):
+        torch.manual_seed(0)
+        model.load_state_dict(TinyClassifier().state_dict())
+        repair = RepairCallback(scorer=LinearInfluence(), top_k=5, start_epoch=0, max_remaining_drop=None)
+        run(repair, model=model, max_epochs=1)
+        scores.append(repair.rounds[0])
+    assert scores[0]["causes"] == scores[1]["causes"] == 5
+    assert model.net[1].inplace is False and isinstance(InPlace().net[1], nn.ReLU)
+
+
+class WithBatchNorm(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_batchnorm_model_repairs_without_touching_its_statistics():
+    before, after = Snapshot(), Snapshot()
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=EWCUnlearning(max_steps=5), top_k=5, start_epoch=0,
+                            max_remaining_drop=None)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[before, repair, after], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(WithBatchNorm(), BlobsDataModule())
+    for key in ("net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"):
+        assert torch.equal(before.state[key], after.state[key])
+    assert trainer.lightning_module.training is True  # Lightning's mode, untouched by the repair
+
+
+# ---- the user's data is never modified ----------------------------------------------------------------------
+
+
+def test_dataset_and_files_are_byte_identical_after_a_run(tmp_path):
+    from lightning_repair.data import FashionMNISTDataModule
+    from lightning_repair.models import ImageClassifier
+
+    write_fake_fashion_mnist(tmp_path)
+    digest = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tmp_path.iterdir()}
+    data = FashionMNISTDataModule(data_dir=str(tmp_path), val_size=100, batch_size=32)
+    data.setup("fit")
+    images, labels = data.train_dataset.images.clone(), data.train_dataset.labels.clone()
+
+    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=32, max_remaining_drop=None)
+    run(repair, model=ImageClassifier(), data=data, max_epochs=1)
+
+    assert len(repair.removed_indices) == 10
+    assert torch.equal(data.train_dataset.images, images) and torch.equal(data.train_dataset.labels, labels)
+    assert digest == {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tmp_path.iterdir()
+                      if path.suffix == ".gz"}
