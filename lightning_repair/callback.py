@@ -22,6 +22,7 @@ from lightning_repair.examples import Examples
 from lightning_repair.exclusion import exclude_from
 from lightning_repair.failures import FailureSet, accuracy, predict, split_failures
 from lightning_repair.identify import EWCInfluence, Scorer, ScoringInputs
+from lightning_repair.optimize import guarded_accuracy
 from lightning_repair.params import copy_parameters_, repair_copy
 from lightning_repair.report import RoundRecord, format_table, precision, round_metrics, write_suspects
 from lightning_repair.selection import check_selection, select_causes
@@ -228,11 +229,14 @@ class RepairCallback(Callback):
         if len(causes):
             generator = torch.Generator().manual_seed(seed)
             without_causes = kept[~torch.isin(kept, causes)]
+            query_all = validation.subset(failures.query).loader()
             self.treatment.treat(TreatmentInputs(
                 model=model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
                 kept=train.subset(without_causes).loader(shuffle=True, generator=generator),
-                query=validation.subset(failures.query).loader(),
-                check=validation.subset(torch.cat([failures.query, failures.guard]).sort().values).loader(),
+                query=query_all,
+                check=guarded_accuracy(model, query_all, validation.subset(failures.guard).loader(),
+                                       1.0 if self.max_remaining_drop is None else self.max_remaining_drop,
+                                       self.adapter),
                 fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
         record["seconds_treatment"] = clock.lap()
 

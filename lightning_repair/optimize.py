@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,34 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
 from lightning_repair.params import anchor_penalty, detached, trainable
+
+
+Check = Union[DataLoader, Callable[[nn.Module], float]]
+"""How a treatment judges a candidate model, higher is better: a loader (its accuracy) or any function."""
+
+
+def as_check(check: Check, adapter: BatchAdapter | None = None) -> Callable[[nn.Module], float]:
+    """A loader becomes "accuracy on it"; a function is used as it is."""
+    if isinstance(check, DataLoader):
+        return lambda model: accuracy_of(model, check, adapter)
+    return check
+
+
+def guarded_accuracy(model: nn.Module, query: DataLoader, guard: DataLoader, max_drop: float,
+                     adapter: BatchAdapter | None = None) -> Callable[[nn.Module], float]:
+    """Accuracy on the failures F_q, for models that keep their accuracy on the guard R_q within ``max_drop`` of
+    ``model``'s (θ̂); −∞ for the others, so θ̂ itself always qualifies.
+
+    The callback judges treatments with this, consistent with its rollback rule on R.
+    """
+    floor = accuracy_of(model, guard, adapter) - max_drop
+
+    def check(candidate: nn.Module) -> float:
+        if accuracy_of(candidate, guard, adapter) < floor:
+            return float("-inf")
+        return accuracy_of(candidate, query, adapter)
+
+    return check
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
+from lightning_repair.optimize import Check
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,10 @@ class TreatmentInputs:
         causes: the cause set C, shuffled.
         kept: D \\ C, shuffled.
         query: the failures F_q (e.g. to fit θ₊F).
-        check: F_q ∪ R_q, the failures and as many correctly classified validation examples: the only
-            validation data a treatment may use to choose a step size or stop early. Accuracy on it weighs
-            fixing failures against breaking what works.
+        check: how to rate a candidate model when choosing a step size or stopping early, higher is better: a
+            loader (its accuracy) or a function. The callback's: accuracy on F_q among models that keep accuracy
+            on the guard sample R_q within ``max_remaining_drop`` (−∞ otherwise). F_q and R_q are the only
+            validation data a treatment may use.
         fisher: F̂ per scoped parameter, or None when the treatment does not need it.
         n_train: N, the number of training examples.
         adapter: how to read batches and logits.
@@ -33,7 +35,7 @@ class TreatmentInputs:
     causes: DataLoader
     kept: DataLoader
     query: DataLoader
-    check: DataLoader
+    check: Check
     fisher: list[Tensor] | None
     n_train: int
     adapter: BatchAdapter

@@ -4,7 +4,7 @@ Removing C from the summed training loss moves its minimiser by, to first order,
 ∇ℓ(c; θ̂), H_{−C} the Hessian of the summed loss on D \\ C. With H the Hessian of the *mean* loss the step is
 θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂) with nominal γ = 1/N. H⁻¹ is either the diagonal (F̂ + δ)⁻¹, or a LiSSA
 estimate (Agarwal et al. 2017, as Koh & Liang 2017 used it) from Hessian-vector products on D \\ C. Since F̂
-and LiSSA only approximate H, γ is chosen from a grid of multiples of 1/N by accuracy on F_q ∪ R_q (never F_h or
+and LiSSA only approximate H, γ is chosen from a grid of multiples of 1/N by a check on validation data (never F_h or
 test data), and θ̂ is kept when no step beats it.
 """
 
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits, loss_gradient
 from lightning_repair.identify.influence import natural_gradient
-from lightning_repair.optimize import accuracy_of
+from lightning_repair.optimize import Check, as_check
 from lightning_repair.params import detached, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
@@ -68,32 +68,33 @@ def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Ten
 
 
 def choose_step_size(model: nn.Module, direction: Sequence[Tensor], gammas: Iterable[float],
-                     check_loader: DataLoader, adapter: BatchAdapter | None = None) -> float:
-    """Moves θ̂ to θ̂ + γ · ``direction`` for the γ with the best accuracy on F_q ∪ R_q, in place; returns that γ.
+                     check: Check, adapter: BatchAdapter | None = None) -> float:
+    """Moves θ̂ to θ̂ + γ · ``direction`` for the γ rated best by ``check``, in place; returns that γ.
 
-    Ties go to the smallest γ. θ̂ itself (γ = 0) competes: when no γ strictly beats θ̂'s F_q ∪ R_q accuracy the
+    Ties go to the smallest γ. θ̂ itself (γ = 0) competes: when no γ strictly beats θ̂'s check value the
     parameters are left at θ̂ and 0.0 is returned.
 
     Args:
         model: a repair copy at θ̂; its trainable parameters move.
         direction: one tensor per trainable parameter.
         gammas: the step sizes to try, all > 0.
-        check_loader: F_q ∪ R_q, whose accuracy chooses γ.
+        check: rates each candidate, higher is better: a loader (its accuracy, e.g. F_q) or a function.
         adapter: how to read batches and logits.
     """
     parameters = trainable(model)
     start = detached(parameters)
-    best_gamma, best_accuracy = 0.0, accuracy_of(model, check_loader, adapter)
+    rate = as_check(check, adapter)
+    best_gamma, best_accuracy = 0.0, rate(model)
     for gamma in sorted(gammas):
         _place(parameters, start, direction, gamma)
-        accuracy = accuracy_of(model, check_loader, adapter)
+        accuracy = rate(model)
         if accuracy > best_accuracy:
             best_gamma, best_accuracy = gamma, accuracy
     _place(parameters, start, direction, best_gamma)
     return best_gamma
 
 
-def newton_removal(model: nn.Module, cause_loader: DataLoader, check_loader: DataLoader | None,
+def newton_removal(model: nn.Module, cause_loader: DataLoader, check: Check | None,
                    fisher: Sequence[Tensor] | None, n_train: int, *, kept_loader: DataLoader | None = None,
                    damping: float = 1e-3, gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
                    inverse: Literal["diagonal", "lissa"] | InverseHVP = "diagonal", lissa_steps: int = 200,
@@ -104,8 +105,8 @@ def newton_removal(model: nn.Module, cause_loader: DataLoader, check_loader: Dat
     Args:
         model: a repair copy at θ̂; its trainable parameters move to θ⁻.
         cause_loader: the cause set C.
-        check_loader: F_q ∪ R_q; γ is the multiple of 1/N in ``gamma_multipliers`` with the best accuracy
-            (see :func:`choose_step_size`). None takes the nominal γ = 1/N without selection.
+        check: rates candidates (a loader: its accuracy); γ is the multiple of 1/N in ``gamma_multipliers``
+            rated best (see :func:`choose_step_size`). None takes the nominal γ = 1/N without selection.
         fisher: F̂ per trainable parameter, the per-example mean; read only by ``inverse="diagonal"``.
         n_train: N, the number of training examples.
         kept_loader: D \\ C, whose Hessian ``inverse="lissa"`` inverts.
@@ -133,17 +134,17 @@ def newton_removal(model: nn.Module, cause_loader: DataLoader, check_loader: Dat
             raise ValueError('inverse="lissa" needs `kept_loader` (D \\ C), whose Hessian it inverts.')
         direction = lissa_inverse_hvp(model, kept_loader, gradient, lissa_steps, lissa_scale, lissa_damping,
                                       adapter)
-    if check_loader is None:
+    if check is None:
         nominal = 1.0 / n_train
         _place(trainable(model), detached(trainable(model)), direction, nominal)
         return nominal
-    return choose_step_size(model, direction, [m / n_train for m in gamma_multipliers], check_loader, adapter)
+    return choose_step_size(model, direction, [m / n_train for m in gamma_multipliers], check, adapter)
 
 
 class NewtonRemoval(Treatment):
-    """Newton removal of the causes (Guo et al. 2020): θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂), γ chosen on F_q ∪ R_q.
+    """Newton removal of the causes (Guo et al. 2020): θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂), γ chosen by the check.
 
-    γ is the multiple of the nominal 1/N with the best F_q ∪ R_q accuracy, the smallest on ties; when no step beats
+    γ is the multiple of the nominal 1/N rated best by the round's check, the smallest on ties; when no step beats
     θ̂ there, θ̂ is kept unchanged.
 
     Args:
