@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import FISHER_KINDS, FisherKind, diagonal_fisher
+from lightning_repair.distributed import broadcast_parameters, gather_sharded, sum_across_ranks
 from lightning_repair.examples import Examples
 from lightning_repair.exclusion import exclude_from
 from lightning_repair.failures import FailureSet, accuracy, predict, split_failures
@@ -183,7 +185,7 @@ class RepairCallback(Callback):
         clock = _Clock()
         model = repair_copy(pl_module, self.params)
 
-        predictions, labels = predict(model, validation.loader(), self.adapter)
+        predictions, labels = self._predict(trainer, model, validation)
         failures = split_failures(predictions, labels, self.query_fraction, self.max_failures, seed)
         record.update(failures=failures.size, query=len(failures.query), holdout=len(failures.holdout),
                       remaining=len(failures.remaining), dropped_failures=failures.dropped,
@@ -200,7 +202,7 @@ class RepairCallback(Callback):
         fisher = None
         if self.scorer.needs_fisher or self.treatment.needs_fisher:
             try:
-                fisher = self._fisher(model, train, kept, seed)
+                fisher = self._fisher(trainer, model, train, kept, seed)
             except FloatingPointError as error:
                 rank_zero_warn(f"RepairCallback: skipping this round: {error}")
                 return _skipped(record, "non-finite Fisher", len(self._removed), clock)
@@ -208,12 +210,16 @@ class RepairCallback(Callback):
 
         query_loader, stop_loader = self._query_loaders(validation, failures.query, seed)
         trusted = torch.cat([failures.query, failures.guard, failures.remaining]).sort().values
-        scores_kept = self.scorer.score(ScoringInputs(
-            model=model, train=train.subset(kept).loader(), query=query_loader, stop=stop_loader,
-            trusted=validation.subset(trusted).loader(), fisher=fisher, n_train=len(kept), adapter=self.adapter,
-            seed=seed, progress=_progress_bar(trainer)))
+
+        def score(share: Tensor) -> Tensor:
+            return self.scorer.score(ScoringInputs(
+                model=model, train=train.subset(share).loader(), query=query_loader, stop=stop_loader,
+                trusted=validation.subset(trusted).loader(), fisher=fisher, n_train=len(kept),
+                adapter=self.adapter, seed=seed, progress=_progress_bar(trainer))).float().cpu()
+
+        scores_kept = gather_sharded(trainer.strategy, kept, score) if self.scorer.shardable else score(kept)
         scores = torch.full((len(train.dataset),), float("nan"))
-        scores[kept] = scores_kept.float().cpu()
+        scores[kept] = scores_kept
         record["seconds_scores"] = clock.lap()
         if not torch.isfinite(scores_kept).all():
             rank_zero_warn("RepairCallback: some scores are NaN or infinite (non-finite losses?); skipping this "
@@ -238,9 +244,10 @@ class RepairCallback(Callback):
                                        1.0 if self.max_remaining_drop is None else self.max_remaining_drop,
                                        self.adapter),
                 fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
+            broadcast_parameters(trainer.strategy, model)  # every rank treats alike; rank 0's result is the one
         record["seconds_treatment"] = clock.lap()
 
-        predictions_after, _ = predict(model, validation.loader(), self.adapter)
+        predictions_after, _ = self._predict(trainer, model, validation)
         record.update(_accuracies(failures, predictions_after, labels, "after"))
         rollback = self._rollback_reason(record) if len(causes) else None
         if rollback is None:
@@ -269,13 +276,27 @@ class RepairCallback(Callback):
                     f"{record['acc_fh_after']:.4f})")
         return None
 
-    def _fisher(self, model: torch.nn.Module, train: Examples, kept: Tensor, seed: int) -> list[Tensor]:
+    def _predict(self, trainer: pl.Trainer, model: torch.nn.Module, validation: Examples) -> tuple[Tensor, Tensor]:
+        """Predictions and labels of all of V; under DDP each rank predicts a share."""
+        def share_predictions(share: Tensor) -> Tensor:
+            return torch.stack(predict(model, validation.subset(share).loader(), self.adapter), dim=1)
+
+        both = gather_sharded(trainer.strategy, validation.positions, share_predictions)
+        return both[:, 0], both[:, 1]
+
+    def _fisher(self, trainer: pl.Trainer, model: torch.nn.Module, train: Examples, kept: Tensor,
+                seed: int) -> list[Tensor]:
         generator = torch.Generator().manual_seed(seed)
         sample = kept[torch.randperm(len(kept), generator=generator)[: self.fisher_samples]].sort().values
+        share = math.ceil(len(sample) / trainer.world_size)
+        mine = sample[trainer.global_rank * share:(trainer.global_rank + 1) * share]
         devices = [model_device] if (model_device := next(model.parameters()).device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # MC labels are sampled without touching the user's RNG
-            torch.manual_seed(seed)
-            return diagonal_fisher(model, train.subset(sample).loader(), self.fisher, self.adapter)
+            torch.manual_seed(seed + trainer.global_rank)
+            fisher = diagonal_fisher(model, train.subset(mine).loader(), self.fisher, self.adapter)
+        # Per-example means of equal-sized shares (the last may be smaller): weight each by its size.
+        weighted = sum_across_ranks(trainer.strategy, [f * len(mine) for f in fisher])
+        return [f / len(sample) for f in weighted]
 
     def _query_loaders(self, validation: Examples, query: Tensor, seed: int) -> tuple[DataLoader, DataLoader | None]:
         """F_q for the methods, and a held-back ``stop_fraction`` of it for early stopping (None if too small)."""
@@ -297,9 +318,9 @@ class RepairCallback(Callback):
     def _report(self, trainer: pl.Trainer, record: RoundRecord, scores: Tensor, train: Examples,
                 suspects: "_Suspects", removed: Tensor) -> None:
         """The suspects CSV, and with ``report=True`` the figures, a Markdown page and the logger's image."""
+        directory = self.log_dir(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if not trainer.is_global_zero:
             return
-        directory = self.log_dir(trainer)
         csv_path = directory / f"round_{record['round']:03d}_suspects.csv"
         write_suspects(csv_path, suspects.order, scores[suspects.order], suspects.given, suspects.predicted, removed)
         if not self.report:

@@ -55,10 +55,13 @@ class Scorer(ABC):
         needs_fisher: whether :meth:`score` reads ``inputs.fisher``.
         natural_threshold: the method's own selection rule ``score > natural_threshold``, when it has one
             (KNN-Shapley: value < 0), used when the callback is given no explicit selection.
+        shardable: whether each example's score depends only on that example, so DDP ranks can score
+            shares of D and gather them (False for KNN-Shapley, where a value depends on all of D).
     """
 
     needs_fisher: bool = False
     natural_threshold: float | None = None
+    shardable: bool = True
 
     @abstractmethod
     def score(self, inputs: ScoringInputs) -> Tensor:

@@ -32,5 +32,7 @@ class TrainingLoss(Scorer):
 class RandomScores(Scorer):
     """Baseline: uniform random scores, seeded per round."""
 
+    shardable = False  # drawn for all of D at once, so every rank draws the same
+
     def score(self, inputs: ScoringInputs) -> Tensor:
         return torch.rand(len(inputs.train.dataset), generator=torch.Generator().manual_seed(inputs.seed))

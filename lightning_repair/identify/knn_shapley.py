@@ -240,6 +240,7 @@ class KNNShapley(Scorer):
     """
 
     natural_threshold = 0.0
+    shardable = False
 
     def __init__(self, k: int = 5, module: str | None = None, utility: str = "query",
                  batch_size: int = 256) -> None:
