@@ -241,7 +241,7 @@ class RepairCallback(Callback):
                 kept=train.subset(without_causes).loader(shuffle=True, generator=generator),
                 query=query_all,
                 check=guarded_accuracy(model, query_all, validation.subset(failures.guard).loader(),
-                                       1.0 if self.max_remaining_drop is None else self.max_remaining_drop,
+                                       1.0 if self.max_remaining_drop is None else self.max_remaining_drop / 2,
                                        self.adapter),
                 fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
             broadcast_parameters(trainer.strategy, model)  # every rank treats alike; rank 0's result is the one

@@ -23,7 +23,8 @@ class TreatmentInputs:
         query: the failures F_q (e.g. to fit θ₊F).
         check: how to rate a candidate model when choosing a step size or stopping early, higher is better: a
             loader (its accuracy) or a function. The callback's: accuracy on F_q among models that keep accuracy
-            on the guard sample R_q within ``max_remaining_drop`` (−∞ otherwise). F_q and R_q are the only
+            on the guard sample R_q within half of ``max_remaining_drop`` (−∞ otherwise), leaving room for the
+            rollback rule's check on R. F_q and R_q are the only
             validation data a treatment may use.
         fisher: F̂ per scoped parameter, or None when the treatment does not need it.
         n_train: N, the number of training examples.

@@ -30,7 +30,8 @@ InverseHVP = Callable[[list[Tensor]], list[Tensor]]
 """Maps g, one tensor per trainable parameter, to H⁻¹ g with H the Hessian of the mean training loss."""
 
 INVERSES = ("diagonal", "lissa")
-GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# The diagonal inverse overshoots along directions where F̂ is small, so the grid reaches far below 1/N.
+GAMMA_MULTIPLIERS = (0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Tensor], steps: int = 200,
