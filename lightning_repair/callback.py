@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -125,6 +126,7 @@ class RepairCallback(Callback):
         self.report, self.report_images = report, report_images
         self.rounds: list[RoundRecord] = []
         self._removed: set[int] = set()
+        self._loss_unwarned, self._loss_batch = True, None
 
     # ---- public state -------------------------------------------------------------------------------------
 
@@ -151,6 +153,16 @@ class RepairCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A reloaded DataLoader (`reload_dataloaders_every_n_epochs`) needs the filter again.
         exclude_from(self._train_loader(trainer), self._removed, self.seed)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Each epoch's first batch checks the loss against cross-entropy, until one warning has been given.
+        self._loss_batch = batch if batch_idx == 0 and self._loss_unwarned else None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._loss_batch is not None and loss.numel() == 1:
+            self._loss_unwarned = check_cross_entropy(pl_module, self._loss_batch, float(loss), self.adapter)
+            self._loss_batch = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stopped_early = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
@@ -394,6 +406,33 @@ def _single_loader(loaders: Any, role: str) -> DataLoader:
         raise ValueError(f"RepairCallback supports one training DataLoader, got {len(flat)}; training-set indices "
                          "would be ambiguous.")
     return flat[0]
+
+
+LOSS_TOLERANCE = 0.15
+
+
+@torch.no_grad()
+def check_cross_entropy(model: torch.nn.Module, batch: Any, training_loss: float, adapter: BatchAdapter) -> bool:
+    """Warns when the user's training loss on ``batch`` is far from the mean cross-entropy of the model's logits.
+
+    Scores and treatments assume the model is trained with cross-entropy on its logits; label smoothing, an MSE
+    loss or large added terms break that assumption. Dropout makes the two differ a little, hence the tolerance;
+    an untrained model's near-uniform outputs hide label smoothing, hence a check at every epoch's start.
+    Returns False when it warned.
+    """
+    labels = adapter.labels(batch).to(model.device)
+    logits = adapter.logits(model, adapter.inputs(batch))
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not ((0 <= labels) & (labels < logits.shape[1])).all():
+        return True  # not class logits: the round's own checks explain what is wrong
+    cross_entropy = F.cross_entropy(logits, labels).item()
+    if abs(training_loss - cross_entropy) <= LOSS_TOLERANCE * max(abs(cross_entropy), 1e-3):
+        return True
+    rank_zero_warn(
+        f"RepairCallback: the training loss of the first batch ({training_loss:.4g}) differs from the cross-entropy "
+        f"of the model's logits ({cross_entropy:.4g}). lightning-repair's scores and treatments assume a classifier "
+        "trained with plain cross-entropy on its logits; with another loss (label smoothing, MSE, large regularisers) "
+        "the causes it finds and the repairs it makes follow cross-entropy, not your objective.")
+    return False
 
 
 def _accuracies(failures: FailureSet, predictions: Tensor, labels: Tensor, when: str) -> dict[str, float]:

@@ -186,7 +186,7 @@ def test_unknown_batch_format_names_the_adapter():
     data = BlobsDataModule()
     data.train_dataloader = lambda: DataLoader(Wrapped(data.train_dataset), batch_size=32, shuffle=True)
     data.val_dataloader = lambda: DataLoader(Wrapped(data.val_dataset), batch_size=32)
-    with pytest.raises(ValueError, match="Cannot find the inputs.*BatchAdapter"):
+    with pytest.raises(ValueError, match="Cannot find the (inputs|labels).*BatchAdapter"):
         run(RepairCallback(start_epoch=0), model=DictModel(), data=data, max_epochs=1)
 
 
@@ -316,3 +316,24 @@ def test_dataset_and_files_are_byte_identical_after_a_run(tmp_path):
     assert torch.equal(data.train_dataset.images, images) and torch.equal(data.train_dataset.labels, labels)
     assert digest == {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tmp_path.iterdir()
                       if path.suffix == ".gz"}
+
+
+class SmoothedLoss(TinyClassifier):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1], label_smoothing=0.5)
+
+
+class SquaredError(TinyClassifier):
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]).softmax(1), F.one_hot(batch[1], 3).float())
+
+
+@pytest.mark.parametrize("model", [SmoothedLoss(), SquaredError()], ids=["label_smoothing", "mse"])
+def test_a_loss_other_than_cross_entropy_is_warned_about(model):
+    with pytest.warns(UserWarning, match="differs from the cross-entropy"):
+        run(RepairCallback(start_epoch=5), model=model, max_epochs=3)
+
+
+def test_plain_cross_entropy_raises_no_loss_warning(recwarn):
+    run(RepairCallback(start_epoch=5), max_epochs=2)
+    assert not [w for w in recwarn if "differs from the cross-entropy" in str(w.message)]
