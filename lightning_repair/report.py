@@ -16,6 +16,8 @@ TABLE_COLUMNS = (
     ("round", "round", "{:d}"),
     ("epoch", "epoch", "{:d}"),
     ("failures", "failures", "{:d}"),
+    ("causes", "causes", "{:d}"),
+    ("outcome", "outcome", "{}"),
     ("removed", "removed", "{:d}"),
     ("removed_total", "total removed", "{:d}"),
     ("precision", "precision", "{:.2f}"),
@@ -64,10 +66,18 @@ def write_suspects(path: Path, order: Tensor, scores: Tensor, given: Tensor, pre
             writer.writerow([index, label, prediction, f"{score:.6g}", int(index in removed_set)])
 
 
+def outcome(record: RoundRecord) -> str:
+    """"kept", "rolled back" or "skipped: <why>" for a round record."""
+    if record.get("skipped"):
+        return f"skipped: {record['skipped']}"
+    return "kept" if record.get("accepted") else "rolled back"
+
+
 def format_table(rounds: Sequence[RoundRecord]) -> str:
     """The rounds as a fixed-width text table (one line a round)."""
     header = [title for _, title, _ in TABLE_COLUMNS]
-    rows = [[_cell(record.get(key), fmt) for key, _, fmt in TABLE_COLUMNS] for record in rounds]
+    rows = [[_cell(outcome(record) if key == "outcome" else record.get(key), fmt) for key, _, fmt in TABLE_COLUMNS]
+            for record in rounds]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))

@@ -1,0 +1,614 @@
+"""Speed and memory of one repair round on the paper's CNN with Fashion-MNIST, as ratios to one training epoch.
+
+    python -m benchmarks.speed                       # N = 50,000, 3 repeats: ≈ 20 min on 2 busy CPU cores
+    python -m benchmarks.speed --quick               # N = 5,000, 1 repeat: shows it runs, not for quoting
+    python -m benchmarks.speed --device cuda         # same on a GPU (see benchmarks/gpu_check.sh)
+
+Everything is timed in one process, each phase as the median of ``--repeats`` runs, and reported divided by the
+median of one training epoch (Adam, batch 64) measured in the same process: on a shared machine absolute seconds
+drift, ratios much less. Peak resident memory (``ru_maxrss``) is per process, so plain training and a repair
+round are measured in separate child processes (``--measure-memory train|round``) at two sizes of D.
+
+Writes ``benchmarks/results/speed.md`` and prints the same tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAIN_BATCH = 64           # the protocol's training batch (Adam, lr 1e-3)
+REPAIR_BATCH = 256         # RepairCallback(batch_size=256): the batch of every repair pass (scores, Fisher, ...)
+TOP_FRACTION = 0.02
+FULL_N = 50_000
+EPOCH_TARGET = {"linear": 1.5, "ewc": 1.5, "round": 2.0}
+MEMORY_OVERHEAD_TARGET = 0.10    # a round's peak RSS ≤ 1.10 × plain training's
+# "Does not grow with N beyond one number per example": 4–8 bytes per example is far below what ru_maxrss can
+# resolve (a few MB between runs), so the check is that the round's extra memory grows by at most this many bytes
+# per extra training example: a few numbers per example, against 784 B per stored image and ≈ 260 KB per
+# per-example gradient of the CNN.
+MEMORY_GROWTH_BYTES_PER_EXAMPLE = 100
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, list[float], Any]:
+    """Median wall seconds of ``repeats`` calls of ``fn``, every sample, and the last result."""
+    samples, result = [], None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), samples, result
+
+
+def data_module(n: int):
+    from lightning_repair.data import FashionMNISTDataModule
+
+    data = FashionMNISTDataModule(batch_size=TRAIN_BATCH, noise="pairs", seed=0,
+                                  train_subset=None if n >= FULL_N else n)
+    data.setup("fit")
+    return data
+
+
+def accelerator(device: torch.device) -> str:
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def train_epoch(module: nn.Module, loader, device: torch.device) -> None:
+    """One epoch of plain PyTorch training: Adam (lr 1e-3) over the DataModule's shuffled batches of 64."""
+    module.train()
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(module(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    module.eval()
+
+
+@torch.no_grad()
+def forward_pass(model: nn.Module, loader, device: torch.device) -> None:
+    model.eval()
+    for x, _ in loader:
+        model(x.to(device))
+
+
+def per_example_grad_dots(model: nn.Module, loader, direction: list[Tensor], device: torch.device) -> Tensor:
+    """∇ℓ(z)ᵀd for every example with torch.func: vmap over grad of the per-example loss (a reference path)."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    flat_direction = dict(zip(names, [d.to(device) for d in direction]))
+
+    def loss_one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(model, p, (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    per_example_grad = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    out = []
+    for x, y in loader:
+        grads = per_example_grad(params, x.to(device), y.to(device))
+        out.append(sum((grads[k].flatten(1) * flat_direction[k].flatten()).sum(1) for k in names).cpu())
+    return torch.cat(out)
+
+
+def naive_grad_dots(model: nn.Module, dataset, count: int, direction: list[Tensor], device: torch.device) -> Tensor:
+    """∇ℓ(z)ᵀd of the first ``count`` examples, one autograd backward per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    direction = [d.to(device) for d in direction]
+    out = []
+    for i in range(count):
+        x, y = dataset[i]
+        loss = F.cross_entropy(model(x.unsqueeze(0).to(device)), torch.tensor([y], device=device))
+        grads = torch.autograd.grad(loss, params)
+        out.append(sum((g * d).sum() for g, d in zip(grads, direction)).item())
+    return torch.tensor(out)
+
+
+def query_loaders(validation, query: Tensor, stop_fraction: float, seed: int):
+    """F_q and its held-back ``stop_fraction`` for early stopping, split as RepairCallback splits them."""
+    n_stop = int(stop_fraction * len(query))
+    if n_stop == 0 or n_stop == len(query):
+        return validation.subset(query).loader(), None
+    order = query[torch.randperm(len(query), generator=torch.Generator().manual_seed(seed))]
+    return (validation.subset(order[n_stop:].sort().values).loader(),
+            validation.subset(order[:n_stop].sort().values).loader())
+
+
+def sampled_fisher(model: nn.Module, train, kept: Tensor, callback, seed: int) -> list[Tensor]:
+    """The diagonal Fisher on ``callback.fisher_samples`` seeded training examples, as one RepairCallback round."""
+    from lightning_repair.curvature import diagonal_fisher
+
+    generator = torch.Generator().manual_seed(seed)
+    sample = kept[torch.randperm(len(kept), generator=generator)[: callback.fisher_samples]].sort().values
+    torch.manual_seed(seed)
+    return diagonal_fisher(model, train.subset(sample).loader(), callback.fisher, callback.adapter)
+
+
+def trainer(device: torch.device, root: str, callbacks: list, limit_train_batches: int | float = 1.0):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(max_epochs=1, accelerator=accelerator(device), devices=1, callbacks=callbacks, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=root, limit_train_batches=limit_train_batches)
+
+
+def epoch_clock():
+    """A Lightning callback timing each training epoch up to its validation (the repair runs after it)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochClock(Callback):
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            _sync(pl_module.device)
+            self.start = time.perf_counter()
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking and self.start is not None:
+                _sync(pl_module.device)
+                self.seconds.append(time.perf_counter() - self.start)
+                self.start = None
+
+    return EpochClock()
+
+
+def new_module(state: dict[str, Tensor] | None):
+    from lightning_repair.models import ImageClassifier
+
+    torch.manual_seed(0)
+    module = ImageClassifier()
+    if state is not None:
+        module.load_state_dict(state)
+    return module
+
+
+# ---- memory (child process) ------------------------------------------------------------------------------------
+
+def _proc_status_mb(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc, in MB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets this process's peak RSS (``VmHWM``) to its current RSS; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _proc_status_mb("VmHWM") is not None
+
+
+def measure_memory(kind: str, n: int, device: torch.device, state_path: str | None, train_batches: int) -> dict:
+    """Peak RSS of one ``Trainer.fit`` epoch (``limit_train_batches=train_batches``) without (``train``) or with
+    (``round``) the repair round after its validation; run in a fresh process."""
+    from lightning_repair import RepairCallback
+
+    data = data_module(n)
+    module = new_module(torch.load(state_path, weights_only=True) if state_path else None)
+    with tempfile.TemporaryDirectory() as root:
+        callbacks = [RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH)] \
+            if kind == "round" else []
+        fit = trainer(device, root, callbacks, train_batches)
+        # Importing torch and Lightning alone peaks near 1 GB; reset the peak (Linux ≥ 4.0) so it is the fit's.
+        reset = _reset_peak_rss()
+        baseline = _proc_status_mb("VmRSS")
+        start = time.perf_counter()
+        fit.fit(module, data)
+        seconds = time.perf_counter() - start
+    peak = _proc_status_mb("VmHWM") if reset else None
+    result = {"kind": kind, "n": n, "max_rss_mb": peak if peak is not None else
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "baseline_mb": baseline,
+              "peak_was_reset": reset, "seconds": seconds}
+    if device.type == "cuda":
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def memory_in_child(kind: str, n: int, args: argparse.Namespace, state_path: str) -> dict:
+    command = [sys.executable, "-m", "benchmarks.speed", "--measure-memory", kind, "--n", str(n), "--device",
+               args.device, "--state", state_path, "--memory-train-batches", str(args.memory_train_batches)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    for line in done.stdout.splitlines():
+        if line.startswith("MEMORY "):
+            return json.loads(line[len("MEMORY "):])
+    raise RuntimeError(f"memory child {kind} N={n} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                       f"{done.stderr[-3000:]}")
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    from lightning_repair import RepairCallback
+    from lightning_repair.curvature import loss_gradient
+    from lightning_repair.examples import Examples
+    from lightning_repair.failures import predict, split_failures
+    from lightning_repair.identify import EWCInfluence, LinearInfluence, ScoringInputs, fit_to_failures, loss_change
+    from lightning_repair.identify.influence import directional_derivatives, natural_gradient
+    from lightning_repair.params import repair_copy
+
+    device = torch.device(args.device)
+    repeats, n = args.repeats, args.n
+    wall_start = time.perf_counter()
+    data = data_module(n)
+    n = len(data.train_dataset)
+    print(f"N = {n:,} training images, {len(data.val_dataset):,} validation images; device {device}; "
+          f"{torch.get_num_threads()} torch threads; {repeats} repeats", flush=True)
+
+    # Untimed warm-up: one epoch from a fixed initialisation, so the model is a realistic one to repair.
+    module = new_module(None).to(device)
+    start = time.perf_counter()
+    train_epoch(module, data.train_dataloader(), device)
+    warmup_seconds = time.perf_counter() - start
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    print(f"warm-up epoch: {warmup_seconds:.1f} s", flush=True)
+
+    rows: dict[str, dict] = {}
+
+    def record(key: str, label: str, fn: Callable[[], Any], note: str = "") -> Any:
+        median, samples, result = timed(fn, repeats, device)
+        rows[key] = {"label": label, "seconds": median, "samples": samples, "note": note}
+        print(f"  {label}: {median:.2f} s (samples {', '.join(f'{s:.2f}' for s in samples)})", flush=True)
+        return result
+
+    # (a) the unit: one epoch of plain training from the warm-up weights, on a fresh copy each time.
+    record("epoch", "one training epoch (Adam, batch 64)",
+           lambda: train_epoch(copy.deepcopy(module), data.train_dataloader(), device))
+    unit = rows["epoch"]["seconds"]
+
+    # The round's inputs, exactly as RepairCallback builds them (its private helpers, on the same data).
+    callback = RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH)
+    seed = callback.seed + 1
+    train = Examples(data.train_dataset, batch_size=REPAIR_BATCH)
+    validation = Examples(data.val_dataset, batch_size=REPAIR_BATCH)
+    model = repair_copy(module)
+    predictions, labels = predict(model, validation.loader(), callback.adapter)
+    failures = split_failures(predictions, labels, callback.query_fraction, callback.max_failures, seed)
+    kept = torch.arange(n)
+    query, stop = query_loaders(validation, failures.query, callback.stop_fraction, seed)
+    train_loader = train.subset(kept).loader()
+    print(f"  failures on validation: {failures.size + failures.dropped} (F_q {len(failures.query)}, "
+          f"F_h {len(failures.holdout)})", flush=True)
+
+    # (b) a plain no-grad forward pass over D.
+    record("forward", "no-grad forward pass over D", lambda: forward_pass(model, train_loader, device))
+
+    # Fisher (1,000 training examples, BackPACK DiagGGNMC, the callback's defaults).
+    fisher = record("fisher", f"diagonal Fisher ({callback.fisher_samples:,} examples, BackPACK)",
+                    lambda: sampled_fisher(model, train, kept, callback, seed))
+
+    def inputs() -> ScoringInputs:
+        return ScoringInputs(model=model, train=train_loader, query=query, stop=stop, trusted=None, fisher=fisher,
+                             n_train=n, adapter=callback.adapter, seed=seed)
+
+    # (c) linear influence, JVP fast path: the scorer (g_F + one forward-mode pass), and the pass alone.
+    direction = natural_gradient(loss_gradient(model, query, callback.adapter), fisher)
+    jvp_scores = record("linear_jvp", "LinearInfluence jvp: score() = g_F + JVP pass over D",
+                        lambda: LinearInfluence(method="jvp").score(inputs()))
+    jvp_dots = record("jvp_pass", "  of which the JVP pass over D alone",
+                      lambda: directional_derivatives(model, train_loader, direction, callback.adapter))
+    # (d) the BackPACK BatchGrad path.
+    backpack_scores = record("linear_backpack", "LinearInfluence backpack: score() = g_F + BatchGrad pass",
+                             lambda: LinearInfluence(method="backpack").score(inputs()))
+    # (e) EWC influence: fit θ₊F to F_q (early-stopped on the held-back 10 %), then two forward passes over D.
+    record("ewc", "EWCInfluence: score() = fit to F_q + 2 forward passes",
+           lambda: EWCInfluence().score(inputs()))
+    plus = record("ewc_fit", "  of which the fit to F_q",
+                  lambda: fit_to_failures(model, query, fisher, n, stop, adapter=callback.adapter))
+    record("ewc_passes", "  of which the 2 forward passes over D",
+           lambda: loss_change(model, plus, train_loader, callback.adapter))
+
+    # (f) reference per-example-gradient paths for the same ∇ℓ(z)ᵀv.
+    vmap_dots = record("vmap", "torch.func vmap(grad) · v over D (reference)",
+                       lambda: per_example_grad_dots(model, train_loader, direction, device))
+    naive_count = min(args.naive_examples, n)
+    naive_dots = record("naive_subset", f"naive per-example autograd loop, {naive_count} examples",
+                        lambda: naive_grad_dots(model, data.train_dataset, naive_count, direction, device))
+    rows["naive"] = {"label": f"naive per-example loop over D (from {naive_count} examples × N/{naive_count})",
+                     "seconds": rows["naive_subset"]["seconds"] * n / naive_count, "samples": [],
+                     "note": "extrapolated"}
+    scale = jvp_dots.abs().max().item()
+    agreement = {
+        "backpack": (backpack_scores - jvp_scores).abs().max().item() / max(jvp_scores.abs().max().item(), 1e-30),
+        "vmap": (vmap_dots - jvp_dots).abs().max().item() / max(scale, 1e-30),
+        "naive": (naive_dots - jvp_dots[:naive_count]).abs().max().item() / max(scale, 1e-30),
+    }
+    print(f"  agreement with the JVP scores (max |diff| / max |score|): {agreement}", flush=True)
+
+    # (g) a whole round as the callback runs it: Trainer.fit of one epoch, the round after its validation.
+    round_records, lightning_epochs = [], []
+    for _ in range(repeats):
+        repair = RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH)
+        clock = epoch_clock()
+        with tempfile.TemporaryDirectory() as root:
+            trainer(device, root, [repair, clock]).fit(new_module(state), data)
+        round_records.append(repair.rounds[0])
+        lightning_epochs += clock.seconds
+        print(f"  Trainer.fit epoch {clock.seconds[0]:.2f} s, round {repair.rounds[0]['seconds_total']:.2f} s",
+              flush=True)
+
+    def round_row(key: str, label: str, field: str) -> None:
+        samples = [float(r.get(field) or 0.0) for r in round_records]
+        rows[key] = {"label": label, "seconds": statistics.median(samples), "samples": samples, "note": ""}
+
+    round_row("round", "whole repair round (RepairCallback, default EWC influence + EWC unlearning)",
+              "seconds_total")
+    round_row("round_failures", "  failures (predict on 10,000 validation images)", "seconds_failures")
+    round_row("round_fisher", "  Fisher", "seconds_fisher")
+    round_row("round_scores", "  scores (EWC influence)", "seconds_scores")
+    round_row("round_treatment", "  suspects + treatment (EWC unlearning)", "seconds_treatment")
+    other = [r["seconds_total"] - sum(float(r.get(f) or 0.0) for f in
+             ("seconds_failures", "seconds_fisher", "seconds_scores", "seconds_treatment")) for r in round_records]
+    rows["round_other"] = {"label": "  predict after + suspects CSV", "seconds": statistics.median(other),
+                           "samples": other, "note": ""}
+    rows["lightning_epoch"] = {"label": "Trainer.fit training epoch (same fits, before the round)",
+                               "seconds": statistics.median(lightning_epochs), "samples": lightning_epochs,
+                               "note": ""}
+    rows["linear_jvp_fisher"] = {"label": "LinearInfluence jvp + Fisher", "note": "sum of medians",
+                                 "seconds": rows["linear_jvp"]["seconds"] + rows["fisher"]["seconds"], "samples": []}
+    rows["ewc_fisher"] = {"label": "EWCInfluence + Fisher", "note": "sum of medians",
+                          "seconds": rows["ewc"]["seconds"] + rows["fisher"]["seconds"], "samples": []}
+    timing_seconds = time.perf_counter() - wall_start
+
+    # Memory: plain training and a round, each in a fresh process, at two sizes of D.
+    memory = []
+    with tempfile.TemporaryDirectory() as folder:
+        state_path = str(Path(folder) / "warmup.pt")
+        torch.save(state, state_path)
+        for size in args.memory_n:
+            for kind in ("train", "round"):
+                result = memory_in_child(kind, size, args, state_path)
+                print(f"  memory {kind} N={size:,}: peak RSS {result['max_rss_mb']:.0f} MB "
+                      f"({result['seconds']:.0f} s)", flush=True)
+                memory.append(result)
+
+    return {"n": n, "device": str(device), "repeats": repeats, "unit": unit, "rows": rows, "warmup": warmup_seconds,
+            "failures": {"all": failures.size + failures.dropped, "query": len(failures.query),
+                         "holdout": len(failures.holdout)},
+            "round_records": round_records, "agreement": agreement, "memory": memory,
+            "timing_seconds": timing_seconds, "total_seconds": time.perf_counter() - wall_start}
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+TABLE = [  # (key, target in epochs or None)
+    ("epoch", None), ("forward", None), ("fisher", None),
+    ("linear_jvp", EPOCH_TARGET["linear"]), ("jvp_pass", None), ("linear_jvp_fisher", None),
+    ("linear_backpack", None),
+    ("ewc", EPOCH_TARGET["ewc"]), ("ewc_fit", None), ("ewc_passes", None), ("ewc_fisher", None),
+    ("vmap", None), ("naive_subset", None), ("naive", None),
+    ("lightning_epoch", None),
+    ("round", EPOCH_TARGET["round"]), ("round_failures", None), ("round_fisher", None), ("round_scores", None),
+    ("round_treatment", None), ("round_other", None),
+]
+
+
+def _machine(args: argparse.Namespace) -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    lines = [f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             f"- CPU: {cpu}, {cores} cores available, {torch.get_num_threads()} torch threads; "
+             f"load average at the end {load}",
+             f"- torch {torch.__version__}, Python {platform.python_version()}"]
+    if args.device == "cuda" and torch.cuda.is_available():
+        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}")
+    return lines
+
+
+def _why(key: str, result: dict) -> str:
+    rows, unit = result["rows"], result["unit"]
+
+    def share(part: str) -> str:
+        return f"{rows[part]['seconds'] / unit:.2f} epochs"
+
+    if key == "linear_jvp":
+        return (f"The JVP pass alone is {share('jvp_pass')} and g_F the rest; forward-mode AD carries a tangent "
+                "through every layer, about 2–3 forward passes' work, and a no-grad forward pass over D is "
+                f"{share('forward')}. Closing it: a larger scoring batch, channels-last / fused convolutions on "
+                "the device, or scoring only the head's parameters (`params=`).")
+    if key == "ewc":
+        return (f"The fit of θ₊F to F_q is {share('ewc_fit')} (up to 100 Adam steps of forward + backward on "
+                "batches of F_q with the Fisher anchor, a loss on the held-back 10 % every 5 steps, stopping after "
+                "4 without improvement): a fixed cost that does not shrink with N; the two forward passes over D "
+                f"are {share('ewc_passes')}. Closing it: fewer fit steps (`EWCInfluence(max_steps=...)`) or an "
+                "earlier stop, "
+                "and reusing θ̂'s per-example losses instead of recomputing them (one pass over D instead of two).")
+    if key == "round":
+        parts = {"failures": "round_failures", "Fisher": "round_fisher", "scores": "round_scores",
+                 "suspects + treatment": "round_treatment", "predict after + CSV": "round_other"}
+        biggest = max(parts, key=lambda p: rows[parts[p]]["seconds"])
+        listing = ", ".join(f"{p} {rows[k]['seconds'] / unit:.2f}" for p, k in parts.items())
+        return (f"Per phase, in epochs: {listing}; the largest is {biggest}. Closing it: make that phase cheaper "
+                "(for the scores, see EWC influence above; for the treatment, fewer EWC-unlearning steps or "
+                "validations).")
+    return ""
+
+
+def report(result: dict, args: argparse.Namespace) -> str:
+    rows, unit, n = result["rows"], result["unit"], result["n"]
+    lines = ["# Speed and memory of a repair round", ""]
+    if args.quick:
+        lines += ["**Quick mode** (`--quick`): a small N and few repeats, to show the benchmark runs. "
+                  "Not for quoting; `python -m benchmarks.speed` writes the real numbers here.", ""]
+    lines += [
+        f"`python -m benchmarks.speed --n {args.n} --repeats {args.repeats} --device {args.device}"
+        f"{' --quick' if args.quick else ''}`: the paper's CNN (`paper_cnn` in `ImageClassifier`) on the first "
+        f"{n:,} Fashion-MNIST training images of `FashionMNISTDataModule(noise='pairs', seed=0)`, after one "
+        f"untimed warm-up epoch. Training uses batches of {TRAIN_BATCH}; every repair pass (scores, Fisher, failures, "
+        f"treatment) uses batches of {REPAIR_BATCH} (`RepairCallback(batch_size={REPAIR_BATCH})`). Failures come from "
+        f"the 10,000 validation images ({result['failures']['all']} failures, F_q = {result['failures']['query']}). "
+        f"Each time is the median of {result['repeats']} runs in one process, divided by the median training epoch "
+        f"of the same process (**1 epoch = {unit:.2f} s** on {result['device']}). Float32 throughout; the scoring "
+        "passes run on the model's (the Trainer's) device.",
+        "", "## Machine", "", *_machine(args), "",
+        f"Run time: {result['total_seconds'] / 60:.1f} min (timings {result['timing_seconds'] / 60:.1f} min, the "
+        "rest the memory children).", "",
+        "## Time", "",
+        "| phase | seconds (median) | ÷ one epoch | target | met? |", "|---|---:|---:|---:|:---:|"]
+    missed = []
+    for key, target in TABLE:
+        row = rows[key]
+        ratio = row["seconds"] / unit
+        met = "" if target is None else ("yes" if ratio <= target else "**no**")
+        if target is not None and ratio > target:
+            missed.append((key, row, ratio, target))
+        note = f" ({row['note']})" if row["note"] else ""
+        target_text = "" if target is None else f"≤ {target:g}"
+        lines.append(f"| {row['label']}{note} | {row['seconds']:.2f} | {ratio:.2f} | {target_text} | {met} |")
+    lines += ["", f"The round's phases come from `callback.rounds[0]['seconds_*']` of a `Trainer.fit` of one epoch "
+              f"with `RepairCallback(start_epoch=0, top_fraction={TOP_FRACTION})`; the Trainer.fit epoch is timed "
+              "in the same fits up to their validation. The EWC-influence row includes its fit to F_q; neither "
+              "scorer row includes the Fisher (see the \"+ Fisher\" rows). The naive loop ran on the first "
+              f"{min(args.naive_examples, n)} examples and is scaled by N / that count.", "",
+              "Same scores by every path (max |difference| / max |score|, against the JVP path): "
+              + ", ".join(f"{k} {v:.1e}" for k, v in result["agreement"].items()) + ".", ""]
+
+    # Memory.
+    memory = {(m["kind"], m["n"]): m for m in result["memory"]}
+    sizes = sorted({m["n"] for m in result["memory"]})
+    cuda = any("cuda_max_allocated_mb" in m for m in result["memory"])
+    lines += ["## Memory", "",
+              f"Peak resident memory of a fresh process running `Trainer.fit` for one epoch "
+              f"(`limit_train_batches={args.memory_train_batches}`; the round still scores all of D) without and "
+              "with the round. Both hold the same data module and model. Importing torch and Lightning alone "
+              "peaks near 1 GB, so the peak (`VmHWM`) is reset after the imports, the data and the model are "
+              "loaded (`/proc/self/clear_refs`), and the table also gives each fit's peak above that baseline "
+              "(`ru_maxrss`, never reset, where the kernel does not allow it).", "",
+              "| N | baseline (MB) | plain training peak (MB) | with the round peak (MB) | above baseline: "
+              "train / round (MB) | overhead | target | met? |" + (" CUDA peak train / round (MB) |" if cuda else ""),
+              "|---:|---:|---:|---:|---:|---:|---:|:---:|" + ("---:|" if cuda else "")]
+    overheads = {}
+    for size in sizes:
+        train, rnd = memory[("train", size)], memory[("round", size)]
+        overhead = rnd["max_rss_mb"] / train["max_rss_mb"] - 1
+        overheads[size] = rnd["max_rss_mb"] - train["max_rss_mb"]
+        ok = overhead <= MEMORY_OVERHEAD_TARGET
+        if not ok:
+            missed.append(("memory", {"label": f"round memory overhead at N = {size:,}"}, overhead,
+                           MEMORY_OVERHEAD_TARGET))
+        extra = (f" {train['cuda_max_allocated_mb']:.0f} / {rnd['cuda_max_allocated_mb']:.0f} |"
+                 if cuda else "")
+        above = " / ".join(f"{m['max_rss_mb'] - (m.get('baseline_mb') or 0):.0f}" for m in (train, rnd))
+        lines.append(f"| {size:,} | {train.get('baseline_mb') or 0:.0f} | {train['max_rss_mb']:.0f} | "
+                     f"{rnd['max_rss_mb']:.0f} | {above} | {overhead:+.1%} | "
+                     f"≤ +{MEMORY_OVERHEAD_TARGET:.0%} | {'yes' if ok else '**no**'} |{extra}")
+    if len(sizes) >= 2:
+        small, large = sizes[0], sizes[-1]
+        growth_mb = overheads[large] - overheads[small]
+        per_example = growth_mb * 2**20 / (large - small)
+        ok = per_example <= MEMORY_GROWTH_BYTES_PER_EXAMPLE
+        lines += ["", f"Growth with N: the round's extra memory is {overheads[small]:.1f} MB at N = {small:,} and "
+                  f"{overheads[large]:.1f} MB at N = {large:,}, {growth_mb:+.1f} MB for {large - small:,} more "
+                  f"examples = **{per_example:+.0f} bytes per example** (target ≤ "
+                  f"{MEMORY_GROWTH_BYTES_PER_EXAMPLE} B: a few numbers per example; one stored image is 784 B, one "
+                  "per-example gradient of the CNN ≈ 260 KB; `ru_maxrss` varies by a few MB between runs): "
+                  f"{'met' if ok else '**not met**'}."]
+        if not ok:
+            missed.append(("growth", {"label": "memory growth with N"}, per_example, MEMORY_GROWTH_BYTES_PER_EXAMPLE))
+
+    lines += ["", "## Targets missed", ""]
+    if not missed:
+        lines.append("None.")
+    for key, row, value, target in missed:
+        if key in ("memory", "growth"):
+            lines.append(f"- **{row['label']}**: {value:.3g} against ≤ {target:g}. The round holds a repair copy "
+                         "of the model, the Fisher, θ₊F and one batch of activations at a time; check for a "
+                         "per-example tensor kept across batches.")
+        else:
+            lines.append(f"- **{row['label']}**: {value:.2f} epochs against ≤ {target:g}. {_why(key, result)}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=None, help="training images (default 50,000; --quick: 5,000)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per phase (default 3; --quick: 1)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small N and few repeats, to check it runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--memory-n", type=int, nargs="+", default=None,
+                        help="sizes of D for the memory runs (default 10,000 and 50,000; --quick: 5,000 and 10,000)")
+    parser.add_argument("--memory-train-batches", type=int, default=None,
+                        help="training batches of the memory runs' epoch (default 200; --quick: 30); the round "
+                             "always scores all of D")
+    parser.add_argument("--naive-examples", type=int, default=None,
+                        help="examples of the naive loop, extrapolated to N (default 500; --quick: 100)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "speed.md")
+    parser.add_argument("--measure-memory", choices=["train", "round"], help=argparse.SUPPRESS)
+    parser.add_argument("--state", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False.")
+    if args.measure_memory:
+        result = measure_memory(args.measure_memory, args.n or FULL_N, torch.device(args.device), args.state,
+                                args.memory_train_batches or 200)
+        print("MEMORY " + json.dumps(result), flush=True)
+        return
+    args.n = args.n or (5_000 if args.quick else FULL_N)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.memory_n = args.memory_n or ([5_000, 10_000] if args.quick else [10_000, FULL_N])
+    args.naive_examples = args.naive_examples or (100 if args.quick else 500)
+    args.memory_train_batches = args.memory_train_batches or (30 if args.quick else 200)
+    import logging
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    result = run(args)
+    text = report(result, args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print("\n" + text)
+    print(f"Wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
