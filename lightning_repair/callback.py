@@ -161,7 +161,9 @@ class RepairCallback(Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._loss_batch is not None and loss.numel() == 1:
-            self._loss_unwarned = check_cross_entropy(pl_module, self._loss_batch, float(loss), self.adapter)
+            # Lightning divides the loss by `accumulate_grad_batches` before the backward pass.
+            training_loss = float(loss) * trainer.accumulate_grad_batches
+            self._loss_unwarned = check_cross_entropy(pl_module, self._loss_batch, training_loss, self.adapter)
             self._loss_batch = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

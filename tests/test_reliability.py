@@ -337,3 +337,11 @@ def test_a_loss_other_than_cross_entropy_is_warned_about(model):
 def test_plain_cross_entropy_raises_no_loss_warning(recwarn):
     run(RepairCallback(start_epoch=5), max_epochs=2)
     assert not [w for w in recwarn if "differs from the cross-entropy" in str(w.message)]
+
+
+def test_gradient_accumulation_is_not_mistaken_for_another_loss(recwarn):
+    trainer = pl.Trainer(max_epochs=2, callbacks=[RepairCallback(start_epoch=5)], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accumulate_grad_batches=4)
+    trainer.fit(TinyClassifier(), BlobsDataModule())
+    assert not [w for w in recwarn if "differs from the cross-entropy" in str(w.message)]
