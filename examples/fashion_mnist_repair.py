@@ -1,11 +1,11 @@
 """Train the paper's CNN on Fashion-MNIST with flipped labels and repair it during training.
 
-    python examples/fashion_mnist_repair.py            # about 6 minutes on 2 CPU cores
+    python examples/fashion_mnist_repair.py            # about 3 minutes on 2 idle CPU cores
     python examples/fashion_mnist_repair.py --epochs 2 --train-subset 5000   # a quick look
 
-Prints, per repair round: failures found, examples removed, the share of those that really were flipped
-(precision), and accuracy on the held-out failures F_h and on the rest of the validation set R; then the test
-accuracy.
+Prints, per repair round: failures found, causes selected, whether the round was kept or rolled back,
+examples removed, the share of the causes whose label really was flipped (precision), and accuracy on the
+held-out failures F_h and on the rest of the validation set R; then the test accuracy.
 """
 
 import argparse
