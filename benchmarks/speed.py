@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_BATCH = 64           # the protocol's training batch (Adam, lr 1e-3)
-REPAIR_BATCH = 256         # RepairCallback(batch_size=256): the batch of every repair pass (scores, Fisher, ...)
+REPAIR_BATCH = 64          # the callback's default: the training loader's batch, for every repair pass
 TOP_FRACTION = 0.02
 FULL_N = 50_000
 EPOCH_TARGET = {"linear": 1.5, "ewc": 1.5, "round": 2.0}
