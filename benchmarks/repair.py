@@ -41,7 +41,7 @@ from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import diagonal_fisher
 from lightning_repair.data import FashionMNISTDataModule
 from lightning_repair.examples import Examples
-from lightning_repair.failures import FailureSet, accuracy, split_failures
+from lightning_repair.failures import FailureSet, accuracy, hold_back, split_failures
 from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, RandomScores, Scorer,
                                        ScoringInputs, TrainingLoss)
 from lightning_repair.optimize import guarded_accuracy
@@ -179,12 +179,9 @@ def identification_record(scores: Tensor, causes: Tensor, is_flipped: Tensor, se
 
 def query_loaders(validation: Examples, query: Tensor, seed: int) -> tuple[Any, Any]:
     """F_q for the scorers and a held-back STOP_FRACTION of it for early stopping, as the callback splits it."""
-    n_stop = int(STOP_FRACTION * len(query))
-    if n_stop == 0 or n_stop == len(query):
-        return validation.subset(query).loader(), None
-    order = query[torch.randperm(len(query), generator=torch.Generator().manual_seed(seed))]
-    return (validation.subset(order[n_stop:].sort().values).loader(),
-            validation.subset(order[:n_stop].sort().values).loader())
+    fit_part, stop_part = hold_back(query, STOP_FRACTION, seed)
+    return validation.subset(fit_part).loader(), (validation.subset(stop_part).loader() if stop_part is not None
+                                                  else None)
 
 
 def relative_change(model: nn.Module, reference: nn.Module) -> float:

@@ -134,12 +134,11 @@ def naive_grad_dots(model: nn.Module, dataset, count: int, direction: list[Tenso
 
 def query_loaders(validation, query: Tensor, stop_fraction: float, seed: int):
     """F_q and its held-back ``stop_fraction`` for early stopping, split as RepairCallback splits them."""
-    n_stop = int(stop_fraction * len(query))
-    if n_stop == 0 or n_stop == len(query):
-        return validation.subset(query).loader(), None
-    order = query[torch.randperm(len(query), generator=torch.Generator().manual_seed(seed))]
-    return (validation.subset(order[n_stop:].sort().values).loader(),
-            validation.subset(order[:n_stop].sort().values).loader())
+    from lightning_repair.failures import hold_back
+
+    fit_part, stop_part = hold_back(query, stop_fraction, seed)
+    return validation.subset(fit_part).loader(), (validation.subset(stop_part).loader() if stop_part is not None
+                                                  else None)
 
 
 def sampled_fisher(model: nn.Module, train, kept: Tensor, callback, seed: int) -> list[Tensor]:

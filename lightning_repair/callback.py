@@ -23,7 +23,7 @@ from lightning_repair.curvature import FISHER_KINDS, FisherKind, diagonal_fisher
 from lightning_repair.distributed import broadcast_parameters, gather_sharded, sum_across_ranks
 from lightning_repair.examples import Examples
 from lightning_repair.exclusion import exclude_from
-from lightning_repair.failures import FailureSet, accuracy, predict, split_failures
+from lightning_repair.failures import FailureSet, accuracy, hold_back, predict, split_failures
 from lightning_repair.identify import EWCInfluence, Scorer, ScoringInputs
 from lightning_repair.optimize import guarded_accuracy
 from lightning_repair.params import copy_parameters_, repair_copy
@@ -222,7 +222,9 @@ class RepairCallback(Callback):
                 return _skipped(record, "non-finite Fisher", len(self._removed), clock)
         record["seconds_fisher"] = clock.lap()
 
-        query_loader, stop_loader = self._query_loaders(validation, failures.query, seed)
+        fit_part, stop_part = hold_back(failures.query, self.stop_fraction, seed)
+        query_loader = validation.subset(fit_part).loader()
+        stop_loader = validation.subset(stop_part).loader() if stop_part is not None else None
         trusted = torch.cat([failures.query, failures.guard, failures.remaining]).sort().values
 
         def score(share: Tensor) -> Tensor:
@@ -311,15 +313,6 @@ class RepairCallback(Callback):
         # Per-example means of equal-sized shares (the last may be smaller): weight each by its size.
         weighted = sum_across_ranks(trainer.strategy, [f * len(mine) for f in fisher])
         return [f / len(sample) for f in weighted]
-
-    def _query_loaders(self, validation: Examples, query: Tensor, seed: int) -> tuple[DataLoader, DataLoader | None]:
-        """F_q for the methods, and a held-back ``stop_fraction`` of it for early stopping (None if too small)."""
-        n_stop = int(self.stop_fraction * len(query))
-        if n_stop == 0 or n_stop == len(query):
-            return validation.subset(query).loader(), None
-        order = query[torch.randperm(len(query), generator=torch.Generator().manual_seed(seed))]
-        return (validation.subset(order[n_stop:].sort().values).loader(),
-                validation.subset(order[:n_stop].sort().values).loader())
 
     def _suspects(self, model: torch.nn.Module, train: Examples, scores: Tensor, causes: Tensor) -> "_Suspects":
         """The top-scored examples and every cause, with given labels and θ̂'s predictions, highest score first."""

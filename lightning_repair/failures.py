@@ -93,6 +93,18 @@ def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 
     )
 
 
+def hold_back(query: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor | None]:
+    """Splits F_q into the part a fit uses and a held-back ``fraction`` for early stopping (θ₊F's 10 %).
+
+    Returns sorted index tensors; the held-back part is None when it would be empty or all of F_q.
+    """
+    n_stop = int(fraction * len(query))
+    if n_stop == 0 or n_stop == len(query):
+        return query, None
+    order = query[torch.randperm(len(query), generator=torch.Generator().manual_seed(seed))]
+    return order[n_stop:].sort().values, order[:n_stop].sort().values
+
+
 def accuracy(predictions: Tensor, labels: Tensor, indices: Tensor) -> float:
     """Accuracy on the examples at ``indices``; NaN for an empty set."""
     if len(indices) == 0:
