@@ -72,6 +72,8 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
     "linear_influence": LinearInfluence,
     "gradient_dot": GradientDot,
     "knn_shapley": KNNShapley,
+    # The same values with all trusted validation data, V \ F_h, as the utility instead of F_q alone.
+    "knn_shapley_trusted": lambda: KNNShapley(utility="trusted"),
     "training_loss": TrainingLoss,
     "random": RandomScores,
 }

@@ -20,6 +20,7 @@ METHOD_LABELS = {
     "linear_influence": "linear influence",
     "gradient_dot": "gradient dot (TracIn)",
     "knn_shapley": "KNN-Shapley",
+    "knn_shapley_trusted": "KNN-Shapley, utility V \\ F_h",
     "training_loss": "training loss",
     "random": "random",
     "cleanlab": "cleanlab",
