@@ -21,6 +21,7 @@ METHODS = {
     "identify/linear_influence.yaml": ("scorer", "lightning_repair.identify.LinearInfluence"),
     "identify/gradient_dot.yaml": ("scorer", "lightning_repair.identify.GradientDot"),
     "identify/knn_shapley.yaml": ("scorer", "lightning_repair.identify.KNNShapley"),
+    "identify/knn_shapley_trusted.yaml": ("scorer", "lightning_repair.identify.KNNShapley"),
     "identify/training_loss.yaml": ("scorer", "lightning_repair.identify.TrainingLoss"),
     "identify/random.yaml": ("scorer", "lightning_repair.identify.RandomScores"),
     "treat/ewc_unlearning.yaml": ("treatment", "lightning_repair.treat.EWCUnlearning"),
@@ -88,12 +89,14 @@ def test_defaults_and_any_lightning_module(capsys: pytest.CaptureFixture) -> Non
 
 
 def test_composed_config_instantiates(tmp_path: Path) -> None:
-    cli = RepairCLI(run=False, args=["--config", str(MAIN), "--config", str(CONFIGS / "identify/knn_shapley.yaml"),
+    cli = RepairCLI(run=False, args=["--config", str(MAIN),
+                                     "--config", str(CONFIGS / "identify/knn_shapley_trusted.yaml"),
                                      "--config", str(CONFIGS / "treat/newton_removal.yaml"),
                                      "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                                      "--trainer.default_root_dir", str(tmp_path)])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, RepairCallback)]
     assert isinstance(callback.scorer, KNNShapley) and isinstance(callback.treatment, NewtonRemoval)
+    assert callback.scorer.utility == "trusted"
     assert callback.selection == {"threshold": KNNShapley.natural_threshold}  # value < 0, the scorer's rule
     assert (callback.start_epoch, callback.fisher_samples) == (0, 1000)
     assert cli.datamodule.train_dataset is None  # nothing read before `fit` calls setup
