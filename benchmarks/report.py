@@ -129,10 +129,15 @@ def write_results(out: Path, protocol: str, settings: dict[str, Any], environmen
     merged = sorted([*kept, *runs], key=lambda run: (run["n_train"], run["seed"]))
     payload = {"protocol": protocol, "settings": settings, "environment": environment,
                "wall_seconds_of_last_call": wall_seconds, "summary": summarize(merged), "runs": merged}
+    write_json(path, payload)
+    write_report(out)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` as standard JSON (NaN as null), replacing ``path`` only once it is complete."""
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(_without_nan(payload), indent=1, allow_nan=False))
     partial.replace(path)
-    write_report(out)
 
 
 def _without_nan(value: Any) -> Any:
@@ -150,8 +155,6 @@ def write_report(out: Path) -> None:
     """Redraws ``out/README.md`` and every plot from the ``<protocol>.json`` files in ``out``."""
     results = [json.loads((out / f"{protocol}.json").read_text()) for protocol in PROTOCOLS
                if (out / f"{protocol}.json").is_file()]
-    for result in results:  # summarised again from the runs, so that a redraw follows the current summary code
-        result["summary"] = summarize(result["runs"])
     sections = [_header(out, results)]
     for result in results:
         for regime, summary in result["summary"].items():
@@ -447,10 +450,7 @@ def redraw(out: Path) -> None:
         path = out / f"{protocol}.json"
         if path.is_file():
             result = json.loads(path.read_text())
-            result["summary"] = summarize(result["runs"])
-            partial = path.with_suffix(".partial")
-            partial.write_text(json.dumps(_without_nan(result), indent=1, allow_nan=False))
-            partial.replace(path)
+            write_json(path, result | {"summary": summarize(result["runs"])})
     write_report(out)
 
 
