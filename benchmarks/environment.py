@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
@@ -58,3 +59,8 @@ def environment() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_uncommitted_changes": bool(dirty) if dirty is not None else None,
     }
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -20,7 +20,6 @@ import copy
 import hashlib
 import json
 import math
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import metrics
-from benchmarks.environment import environment
+from benchmarks.environment import environment, peak_memory_mb
 from benchmarks.peers import cleanlab_issues, cross_validated_probabilities
 from benchmarks.report import write_results
 from benchmarks.training import BATCH_SIZE, Split, cached, new_model, predictions, split_tensors, train, trained_model
@@ -133,11 +132,6 @@ class Clock:
         result = work()
         self.phases[name] = time.perf_counter() - start
         return result
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def evaluate(model: nn.Module, validation: Split, test: Split, failures: FailureSet) -> dict[str, float]:

@@ -250,7 +250,7 @@ def _glance_section(results: Sequence[dict[str, Any]]) -> str:
     treatments = list(dict.fromkeys(t for _, _, s in settings for runs in s["repair"].values() for t in runs))
     picks = [{t: best_cause(t, s["repair"]) for t in treatments} for _, _, s in settings]
     best_repair = [max((t for t in treatments if pick[t]), default=None,
-                       key=lambda t, s=s, pick=pick: s["repair"][pick[t]][t]["untouched"]["mean"])
+                       key=lambda t: s["repair"][pick[t]][t]["untouched"]["mean"])
                    for (_, _, s), pick in zip(settings, picks)]
 
     def repairing(treatment: str, column: int) -> str:

@@ -18,15 +18,12 @@ import argparse
 import copy
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
+
+from benchmarks.environment import environment, peak_memory_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_BATCH = 64           # the protocol's training batch (Adam, lr 1e-3)
@@ -232,7 +231,7 @@ def measure_memory(kind: str, n: int, device: torch.device, state_path: str | No
         seconds = time.perf_counter() - start
     peak = _proc_status_mb("VmHWM") if reset else None
     result = {"kind": kind, "n": n, "max_rss_mb": peak if peak is not None else
-              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "baseline_mb": baseline,
+              peak_memory_mb(), "baseline_mb": baseline,
               "peak_was_reset": reset, "seconds": seconds}
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -420,25 +419,17 @@ TABLE = [  # (key, target in epochs or None)
 
 
 def _machine(args: argparse.Namespace) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    machine = environment()
     try:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = "?"
-    lines = [f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-             f"- CPU: {cpu}, {cores} cores available, {torch.get_num_threads()} torch threads; "
-             f"load average at the end {load}",
-             f"- torch {torch.__version__}, Python {platform.python_version()}"]
-    if args.device == "cuda" and torch.cuda.is_available():
-        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}")
+    lines = [f"- date: {machine['date']}",
+             f"- CPU: {machine['cpu']}, {machine['cpus_available']} cores available, {machine['torch_threads']} torch "
+             f"threads; load average at the end {load}",
+             f"- torch {machine['packages']['torch']}, Python {machine['python']}"]
+    if args.device == "cuda" and machine["cuda"]:
+        lines.append(f"- GPU: {machine['cuda']}")
     return lines
 
 
