@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lightning_repair.acceptance import DEFAULT_MARGIN, Judge, Verdict, compare
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import FISHER_KINDS, FisherKind, diagonal_fisher
 from lightning_repair.distributed import broadcast_parameters, gather_sharded, sum_across_ranks
@@ -25,7 +26,6 @@ from lightning_repair.examples import Examples
 from lightning_repair.exclusion import exclude_from
 from lightning_repair.failures import FailureSet, accuracy, hold_back, predict, split_failures
 from lightning_repair.identify import EWCInfluence, Scorer, ScoringInputs
-from lightning_repair.optimize import guarded_accuracy
 from lightning_repair.params import copy_parameters_, repair_copy
 from lightning_repair.report import RoundRecord, format_table, precision, round_metrics, write_suspects
 from lightning_repair.selection import check_selection, select_causes
@@ -63,8 +63,14 @@ class RepairCallback(Callback):
         batch_size: batch size of the repair passes; default the training DataLoader's.
         adapter: how to read inputs, labels and logits; default handles ``(x, y)`` and dict batches.
         suspects_to_report: rows of each round's suspects CSV (the causes are always included).
-        max_remaining_drop: roll a round back (keep θ̂ and put C back into training) when accuracy on R drops by
-            more than this, or accuracy on F_h does not improve; None keeps every treatment.
+        rollback: keep a round only when the acceptance rule accepts it on the parts no method read, F_h and R
+            (estimated validation accuracy rises by more than ``acceptance_margin`` paired standard errors);
+            otherwise roll it back: keep θ̂ and put C back into training. False keeps every treated round.
+        acceptance_margin: paired standard errors by which a repair must raise estimated validation accuracy,
+            both when a treatment chooses among its candidates (on F_q and R_q) and for the rollback.
+        max_remaining_drop: an optional extra cap: also reject repairs that lower accuracy on R (R_q for the
+            treatments' candidates) by more than this. None (default) sets no cap; θ̂ scores 1.0 on R by
+            construction, so a tight cap rejects every repair that trades a few right answers for many fixes.
         report: also write, per round, PNG figures (top suspects with given → predicted labels, score histogram,
             accuracy before/after, and the detection curve when the data module has ``flipped_indices``) and a
             Markdown page beside the CSV; the suspects grid also goes to loggers that take images (TensorBoard).
@@ -96,7 +102,9 @@ class RepairCallback(Callback):
         batch_size: int | None = None,
         adapter: BatchAdapter | None = None,
         suspects_to_report: int = 500,
-        max_remaining_drop: float | None = 0.01,
+        rollback: bool = True,
+        acceptance_margin: float = DEFAULT_MARGIN,
+        max_remaining_drop: float | None = None,
         report: bool = False,
         report_images: int = 32,
         seed: int = 0,
@@ -122,6 +130,13 @@ class RepairCallback(Callback):
         self.adapter = adapter or BatchAdapter()
         if max_remaining_drop is not None and not 0.0 <= max_remaining_drop <= 1.0:
             raise ValueError(f"max_remaining_drop must be in [0, 1] or None, got {max_remaining_drop}.")
+        if acceptance_margin < 0:
+            raise ValueError(f"acceptance_margin must be ≥ 0 standard errors, got {acceptance_margin}.")
+        if rollback and query_fraction == 1.0:
+            raise ValueError("query_fraction=1.0 leaves no held-out failures F_h, and without them no repair can be "
+                             "shown to raise validation accuracy, so every round would roll back. Use "
+                             "query_fraction < 1 (default 0.5), or rollback=False to keep every treated round.")
+        self.rollback, self.acceptance_margin = rollback, acceptance_margin
         self.suspects_to_report, self.max_remaining_drop, self.seed = suspects_to_report, max_remaining_drop, seed
         self.report, self.report_images = report, report_images
         self.rounds: list[RoundRecord] = []
@@ -225,7 +240,8 @@ class RepairCallback(Callback):
         fit_part, stop_part = hold_back(failures.query, self.stop_fraction, seed)
         query_loader = validation.subset(fit_part).loader()
         stop_loader = validation.subset(stop_part).loader() if stop_part is not None else None
-        trusted = torch.cat([failures.query, failures.guard, failures.remaining]).sort().values
+        trusted = torch.cat([failures.query, failures.guard]).sort().values  # never F_h or R: the rollback's
+        failure_share = (failures.size + failures.dropped) / len(validation)  # π_F = |F| / |V|
 
         def score(share: Tensor) -> Tensor:
             return self.scorer.score(ScoringInputs(
@@ -252,20 +268,26 @@ class RepairCallback(Callback):
             generator = torch.Generator().manual_seed(seed)
             without_causes = kept[~torch.isin(kept, causes)]
             query_all = validation.subset(failures.query).loader()
-            self.treatment.treat(TreatmentInputs(
+            judge = Judge(model, query_all, validation.subset(failures.guard).loader(), failure_share,
+                          margin=self.acceptance_margin, max_remaining_drop=self.max_remaining_drop,
+                          adapter=self.adapter)
+            choice = self.treatment.treat(TreatmentInputs(
                 model=model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
                 kept=train.subset(without_causes).loader(shuffle=True, generator=generator),
-                query=query_all,
-                check=guarded_accuracy(model, query_all, validation.subset(failures.guard).loader(),
-                                       1.0 if self.max_remaining_drop is None else self.max_remaining_drop / 2,
-                                       self.adapter),
-                fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
+                query=query_all, judge=judge, fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
+            record.update(candidate=choice.label, candidates_rated=choice.rated)
             broadcast_parameters(trainer.strategy, model)  # every rank treats alike; rank 0's result is the one
         record["seconds_treatment"] = clock.lap()
 
         predictions_after, _ = self._predict(trainer, model, validation)
         record.update(_accuracies(failures, predictions_after, labels, "after"))
-        rollback = self._rollback_reason(record) if len(causes) else None
+        holdout, remaining = failures.holdout, failures.remaining  # what no method read
+        verdict = compare(predictions[holdout] == labels[holdout], predictions_after[holdout] == labels[holdout],
+                          predictions[remaining] == labels[remaining],
+                          predictions_after[remaining] == labels[remaining], failure_share,
+                          margin=self.acceptance_margin, max_remaining_drop=self.max_remaining_drop)
+        record.update(failure_share=failure_share, gain=verdict.gain, gain_standard_error=verdict.standard_error)
+        rollback = self._rollback_reason(verdict) if len(causes) else None
         if rollback is None:
             copy_parameters_(pl_module, model)
             self._removed.update(causes.tolist())
@@ -280,17 +302,15 @@ class RepairCallback(Callback):
         self._report(trainer, record, scores, train, suspects, removed)
         return record
 
-    def _rollback_reason(self, record: RoundRecord) -> str | None:
-        """Why the treated weights must not be kept, or None to keep them."""
-        if self.max_remaining_drop is None:
+    def _rollback_reason(self, verdict: Verdict) -> str | None:
+        """Why the treated weights must not be kept, or None to keep them (the acceptance rule on F_h and R)."""
+        if not self.rollback or verdict.accepted:
             return None
-        drop = record["acc_r_before"] - record["acc_r_after"]
-        if drop > self.max_remaining_drop:
-            return f"accuracy on R dropped by {drop:.4f} > max_remaining_drop={self.max_remaining_drop}"
-        if record["holdout"] and not record["acc_fh_after"] > record["acc_fh_before"]:
-            return (f"accuracy on the held-out failures F_h did not improve ({record['acc_fh_before']:.4f} → "
-                    f"{record['acc_fh_after']:.4f})")
-        return None
+        if self.max_remaining_drop is not None and verdict.remaining_drop > self.max_remaining_drop:
+            return (f"accuracy on R dropped by {verdict.remaining_drop:.4f} > "
+                    f"max_remaining_drop={self.max_remaining_drop}")
+        return (f"estimated validation accuracy changed by {verdict.gain:+.4f}, not more than "
+                f"{self.acceptance_margin:g} × its paired standard error {verdict.standard_error:.4f}")
 
     def _predict(self, trainer: pl.Trainer, model: torch.nn.Module, validation: Examples) -> tuple[Tensor, Tensor]:
         """Predictions and labels of all of V; under DDP each rank predicts a share."""

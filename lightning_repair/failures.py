@@ -1,8 +1,9 @@
 """The failure set F: the validation examples the model misclassifies, split into F_q and F_h.
 
 F_q (query) is the only part of F any method may use; F_h (holdout) is measured only, to see whether a repair
-generalises. The correctly classified rest of V is split likewise: a guard sample R_q, as large as F_q, that
-treatments may use so as not to break what works, and R, measured only.
+generalises. The correctly classified rest of V is split likewise: a guard sample R_q (half of it by default) that
+treatments and scorers may use so as not to break what works, and R, measured only. Whether a repair is kept is
+decided on F_h and R alone (:mod:`lightning_repair.acceptance`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def predict(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None =
 
 
 def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 0.5,
-                   max_failures: int | None = None, seed: int = 0) -> FailureSet:
+                   max_failures: int | None = None, seed: int = 0, guard_fraction: float = 0.5) -> FailureSet:
     """Splits validation examples into F_q, F_h, R_q and R with a seeded permutation.
 
     Args:
@@ -66,9 +67,12 @@ def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 
         query_fraction: share of F that goes to F_q.
         max_failures: keep at most this many failures (a seeded random subset) to bound the work.
         seed: seed of the permutation.
+        guard_fraction: share of the correctly classified examples that goes to R_q; the rest is R.
     """
     if not 0.0 < query_fraction <= 1.0:
         raise ValueError(f"query_fraction must be in (0, 1], got {query_fraction}.")
+    if not 0.0 <= guard_fraction < 1.0:
+        raise ValueError(f"guard_fraction must be in [0, 1), got {guard_fraction}.")
     failed = predictions != labels
     failures = torch.nonzero(failed).flatten()
     generator = torch.Generator().manual_seed(seed)
@@ -82,7 +86,7 @@ def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 
         n_query = min(max(n_query, 1), len(failures) - (query_fraction < 1.0))
     correct = torch.nonzero(~failed).flatten()
     correct = correct[torch.randperm(len(correct), generator=generator)]
-    n_guard = min(n_query, len(correct) // 2)
+    n_guard = int(guard_fraction * len(correct))
     return FailureSet(
         query=failures[:n_query].sort().values,
         holdout=failures[n_query:].sort().values,

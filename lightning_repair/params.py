@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,30 @@ def scoped_parameters(model: nn.Module, params: Sequence[str] | None = None) -> 
         raise ValueError("No trainable parameters in scope: check `params` and that the model has parameters "
                          "with requires_grad=True.")
     return selected
+
+
+def finetune_parameters(model: nn.Module, finetune_modules: Sequence[str] | Literal["all"] | None = None
+                        ) -> list[nn.Parameter]:
+    """The parameters a treatment's fine-tune trains: trainable (``requires_grad``) ones of the chosen modules.
+
+    Args:
+        model: the repair copy.
+        finetune_modules: ``None``: the last ``nn.Linear`` in ``model.named_modules()`` order (usually the
+            classification head); ``"all"``: every trainable parameter; a list: the named submodules (names as
+            in ``model.named_modules()``, e.g. ``["net.12"]``).
+    """
+    if finetune_modules is None:
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("The model has no nn.Linear layer to fine-tune by default; name the layers to train, "
+                             "e.g. `finetune_modules=['head']`, or pass `finetune_modules='all'`.")
+        names = linears[-1:]
+    else:
+        names = None if finetune_modules == "all" else list(finetune_modules)
+    try:
+        return scoped_parameters(model, names)
+    except ValueError as error:
+        raise ValueError(f"`finetune_modules={finetune_modules!r}`: {error}") from error
 
 
 def repair_copy(model: nn.Module, params: Sequence[str] | None = None) -> nn.Module:

@@ -41,7 +41,7 @@ def fit(tmp_path, repair: RepairCallback, max_epochs: int = 4, ckpt_path=None, d
 
 
 def test_removed_examples_are_never_served_after_their_round(tmp_path):
-    repair = RepairCallback(top_k=12, start_epoch=1, fisher_samples=64, max_remaining_drop=None)
+    repair = RepairCallback(top_k=12, start_epoch=1, fisher_samples=64, rollback=False)
     _, served, data = fit(tmp_path, repair, max_epochs=5)
 
     assert [r["epoch"] for r in repair.rounds] == [1, 2, 3, 4]
@@ -66,7 +66,7 @@ def test_removed_examples_are_never_served_after_their_round(tmp_path):
 
 
 def test_round_records_and_logged_metrics(tmp_path):
-    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=2, fisher_samples=64, max_remaining_drop=None)
+    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=2, fisher_samples=64, rollback=False)
     trainer, _, _ = fit(tmp_path, repair, max_epochs=3)
 
     assert [r["epoch"] for r in repair.rounds] == [0, 2]
@@ -93,7 +93,7 @@ def test_round_records_and_logged_metrics(tmp_path):
 
 @pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
 def test_state_survives_checkpoint_and_resume(tmp_path, stop):
-    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64, max_remaining_drop=None)
+    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64, rollback=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
                                  every_n_train_steps=5 if stop == "mid_epoch" else None)
     limits = {"max_epochs": 2} if stop == "epoch_end" else {"max_epochs": 3, "max_steps": 25}  # 10 steps an epoch
@@ -109,7 +109,7 @@ def test_state_survives_checkpoint_and_resume(tmp_path, stop):
         def on_train_start(self, trainer, pl_module):
             self.removed, self.rounds = list(resumed.removed_indices), [dict(r) for r in resumed.rounds]
 
-    resumed = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64, max_remaining_drop=None)
+    resumed = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64, rollback=False)
     check, served = CheckOnStart(), ServedIndices()
     trainer = pl.Trainer(max_epochs=4, callbacks=[resumed, check, served, ModelCheckpoint(dirpath=tmp_path)],
                          accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -151,7 +151,7 @@ TREATMENTS = [EWCUnlearning(max_steps=10), Finetune(steps=10), NewtonRemoval(), 
 @pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: type(s).__name__)
 def test_every_scorer_runs_inside_fit(tmp_path, scorer):
     repair = RepairCallback(scorer=scorer, treatment=Finetune(steps=2), start_epoch=0, fisher_samples=64,
-                            max_remaining_drop=None, **({} if isinstance(scorer, KNNShapley) else {"top_k": 5}))
+                            rollback=False, **({} if isinstance(scorer, KNNShapley) else {"top_k": 5}))
     fit(tmp_path, repair, max_epochs=2)
     assert len(repair.rounds) == 2 and "skipped" not in repair.rounds[0]
     if isinstance(scorer, KNNShapley):  # its own rule, value < 0, picks the causes
@@ -163,7 +163,7 @@ def test_every_scorer_runs_inside_fit(tmp_path, scorer):
 @pytest.mark.parametrize("treatment", TREATMENTS, ids=lambda t: type(t).__name__)
 def test_every_treatment_runs_inside_fit(tmp_path, treatment):
     repair = RepairCallback(scorer=TrainingLoss(), treatment=treatment, top_k=8, start_epoch=0, fisher_samples=64,
-                            max_remaining_drop=None)
+                            rollback=False)
     trainer, _, _ = fit(tmp_path, repair, max_epochs=2)
     assert len(repair.rounds) == 2 and repair.rounds[-1]["removed_total"] == 16
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
@@ -207,7 +207,7 @@ def test_report_writes_figures_a_page_and_a_logged_image(tmp_path):
     (tmp_path / "data").mkdir()
     write_fake_fashion_mnist(tmp_path / "data")
     data = FashionMNISTDataModule(data_dir=str(tmp_path / "data"), val_size=100, batch_size=32)
-    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=32, max_remaining_drop=None, report=True,
+    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=32, rollback=False, report=True,
                             report_images=8)
     trainer = pl.Trainer(max_epochs=1, callbacks=[repair], accelerator="cpu", enable_progress_bar=False,
                          logger=TensorBoardLogger(tmp_path / "logs"), enable_model_summary=False,

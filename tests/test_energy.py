@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_repair.acceptance import Judge
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.treat.base import TreatmentInputs
 from lightning_repair.treat.energy import (
@@ -12,7 +13,7 @@ from lightning_repair.treat.energy import (
     align_inputs,
     aligned_causes,
     energy,
-    energy_alignment,
+    energy_alignment_candidates,
     energy_gradient,
     finetune_parameters,
     soft_labels,
@@ -50,8 +51,14 @@ def _loaders(n_causes: int = 10, n_kept: int = 30, dim: int = 6) -> tuple[DataLo
 def _inputs_for_treatment(model: nn.Module, seed: int = 0) -> TreatmentInputs:
     causes, kept, query = _loaders()
     fisher = [torch.full_like(p, 0.1) for p in model.parameters() if p.requires_grad]
-    return TreatmentInputs(model=model, causes=causes, kept=kept, query=query, check=query, fisher=fisher, n_train=40,
+    return TreatmentInputs(model=model, causes=causes, kept=kept, query=query,
+                           judge=Judge.accuracy_on(model, query, margin=0.0), fisher=fisher, n_train=40,
                            adapter=BatchAdapter(), seed=seed)
+
+
+def _walk(candidates) -> list:
+    """Every candidate of a treatment, leaving the model at the last one (no judge involved)."""
+    return list(candidates)
 
 
 @pytest.mark.parametrize("build", [_mlp, _cnn], ids=["mlp", "cnn"])
@@ -130,7 +137,7 @@ def test_only_chosen_modules_change_and_flags_are_restored(modules, moving):
     inputs = _inputs_for_treatment(model)
     causes_before = inputs.causes.dataset.tensors[0].clone()
 
-    EnergyAlignment(finetune_modules=modules, finetune_steps=5, fit_steps=3).treat(inputs)
+    _walk(EnergyAlignment(finetune_modules=modules, finetune_steps=5, fit_steps=3).candidates(inputs))
 
     for name, p in model.named_parameters():
         module = name.split(".")[0]
@@ -150,10 +157,23 @@ def test_treat_runs_end_to_end(mode):
     treatment = EnergyAlignment(mode=mode, finetune_modules="all", finetune_steps=10, fit_steps=5)
     assert treatment.needs_fisher
     before = [p.detach().clone() for p in model.parameters()]
-    treatment.treat(inputs)
+    assert _walk(treatment.candidates(inputs)) == [10]  # every eval_every = 10 steps, and the last
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not model.training
+
+
+def test_treat_keeps_the_judged_best_candidate_or_theta_hat():
+    model = _mlp()
+    inputs = _inputs_for_treatment(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    choice = EnergyAlignment(finetune_modules="all", finetune_steps=20, fit_steps=5, eval_every=5).treat(inputs)
+    after = [p.detach().clone() for p in model.parameters()]
+    if choice.label is None:
+        assert all(torch.equal(p, b) for p, b in zip(after, before))
+    else:
+        assert choice.label in (5, 10, 15, 20) and choice.value > 0
+        assert inputs.judge.verdict(model).lower_bound == choice.value
 
 
 def test_function_runs_without_fisher_and_is_repeatable():
@@ -162,7 +182,8 @@ def test_function_runs_without_fisher_and_is_repeatable():
         model = _mlp()
         causes, kept, query = _loaders()
         torch.manual_seed(5)  # the loaders' shuffling
-        energy_alignment(model, causes, kept, query, None, 40, steps=2, finetune_steps=5, fit_steps=3, seed=7)
+        _walk(energy_alignment_candidates(model, causes, kept, query, None, 40, steps=2, finetune_steps=5,
+                                          fit_steps=3, seed=7))
         results.append(model[4].weight.detach().clone())
     assert torch.equal(*results)
 
@@ -190,7 +211,7 @@ def test_bad_arguments_raise_clear_errors():
 
     integer_causes = DataLoader(TensorDataset(torch.ones(4, 6, dtype=torch.long), torch.zeros(4, dtype=torch.long)))
     _, kept, query = _loaders()
-    inputs = TreatmentInputs(model=model, causes=integer_causes, kept=kept, query=query, check=query, fisher=None, n_train=40,
-                             adapter=BatchAdapter())
+    inputs = TreatmentInputs(model=model, causes=integer_causes, kept=kept, query=query,
+                             judge=Judge.accuracy_on(model, query), fisher=None, n_train=40, adapter=BatchAdapter())
     with pytest.raises(ValueError, match="dtype torch.int64"):
         EnergyAlignment(fit_steps=1).treat(inputs)

@@ -6,13 +6,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_repair.acceptance import Judge
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import diagonal_fisher, loss_gradient
 from lightning_repair.identify.influence import natural_gradient
 from lightning_repair.optimize import accuracy_of
 from lightning_repair.params import trainable
 from lightning_repair.treat.base import TreatmentInputs
-from lightning_repair.treat.newton import NewtonRemoval, choose_step_size, lissa_inverse_hvp, newton_removal
+from lightning_repair.treat.newton import (NewtonRemoval, choose_step_size, largest_eigenvalue, lissa_inverse_hvp,
+                                           newton_removal)
 
 N, DIM, CLASSES, L2 = 80, 4, 3, 0.1
 CAUSES = [3, 17, 42]
@@ -137,7 +139,7 @@ def test_diagonal_fisher_step_moves_toward_retraining(setting: str, request: pyt
     x, y = data["x"], data["y"]
     model = _copy(data["model"])
     fisher = diagonal_fisher(model, _loader(x, y, 16), kind="exact")
-    gamma = newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, fisher, N)
+    gamma = newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, fisher, N, inverse="diagonal")
     assert gamma == pytest.approx(1 / N)
     error, moved = _errors(data, _flat(model))
     assert error < moved, (error, moved)
@@ -155,6 +157,28 @@ def test_lissa_approximates_the_inverse_hessian(convex: dict) -> None:
                                torch.cat([v.flatten() for v in vector]))
     relative = (torch.cat([e.flatten() for e in estimate]) - exact).norm() / exact.norm()
     assert relative < 0.01, relative.item()
+
+
+def test_power_iteration_finds_the_largest_hessian_eigenvalue(convex: dict) -> None:
+    x, y, keep = convex["x"], convex["y"], convex["keep"]
+    exact = torch.linalg.eigvalsh(_hessian(convex["model"], x[keep], y[keep], 0.0, reduction="mean")).abs().max()
+    estimate = largest_eigenvalue(convex["model"], _loader(x[keep], y[keep]), iterations=100, batches_used=1)
+    assert estimate == pytest.approx(exact.item(), rel=1e-3)
+
+
+def test_lissa_with_its_scale_from_power_iteration_matches_the_exact_newton_step(convex: dict) -> None:
+    # The default Newton removal: LiSSA, its scale twice the largest eigenvalue, against an exact solve of the
+    # mean-loss Hessian damped as LiSSA damps it.
+    x, y, keep = convex["x"], convex["y"], convex["keep"]
+    model = _copy(convex["model"])
+    kept = _loader(x[keep], y[keep])
+    scale = 2 * largest_eigenvalue(model, kept)
+    hessian = _hessian(model, x[keep], y[keep], 0.0, reduction="mean")
+    gradient = torch.cat([g.flatten() for g in loss_gradient(model, _loader(x[CAUSES], y[CAUSES]))])
+    exact = torch.linalg.solve(hessian + 0.01 * scale * torch.eye(len(hessian), dtype=hessian.dtype), gradient)
+    gamma = newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, None, N, kept_loader=kept, lissa_steps=2000)
+    step = (_flat(model) - convex["theta_hat"]) / gamma
+    assert (step - exact).norm() < 0.02 * exact.norm(), ((step - exact).norm() / exact.norm()).item()
 
 
 def test_lissa_diverges_loudly_when_scale_too_small(convex: dict) -> None:
@@ -180,7 +204,7 @@ def test_step_size_selection_picks_best_query_accuracy() -> None:
     # x = 1, label 1: right once γ > 1; x = 3.5, label 0: right while γ < 3.5. Only γ = 2 gets both.
     model = _threshold_model()
     query = _loader(torch.tensor([[1.0], [3.5]], dtype=torch.float64), torch.tensor([1, 0]))
-    gamma = choose_step_size(model, BIAS_UP, [0.25, 0.5, 1.0, 2.0, 4.0], query)
+    gamma = choose_step_size(model, BIAS_UP, [0.25, 0.5, 1.0, 2.0, 4.0], Judge.accuracy_on(model, query, margin=0))
     assert gamma == 2.0
     assert model.bias.tolist() == [0.0, 2.0]
 
@@ -188,7 +212,7 @@ def test_step_size_selection_picks_best_query_accuracy() -> None:
 def test_step_size_selection_breaks_ties_to_smallest_step() -> None:
     model = _threshold_model()
     query = _loader(torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([1]))
-    assert choose_step_size(model, BIAS_UP, [4.0, 2.0, 8.0], query) == 2.0
+    assert choose_step_size(model, BIAS_UP, [4.0, 2.0, 8.0], Judge.accuracy_on(model, query, margin=0)) == 2.0
 
 
 def test_step_size_selection_keeps_theta_hat_when_every_step_hurts() -> None:
@@ -196,7 +220,8 @@ def test_step_size_selection_keeps_theta_hat_when_every_step_hurts() -> None:
     model = _threshold_model()
     before = [p.detach().clone() for p in model.parameters()]
     query = _loader(torch.tensor([[-0.1]], dtype=torch.float64), torch.tensor([1]))
-    gamma = choose_step_size(model, [-d for d in BIAS_UP], [0.25, 0.5, 1.0, 2.0, 4.0], query)
+    gamma = choose_step_size(model, [-d for d in BIAS_UP], [0.25, 0.5, 1.0, 2.0, 4.0],
+                             Judge.accuracy_on(model, query, margin=0))
     assert gamma == 0.0
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
@@ -218,7 +243,8 @@ def test_newton_removal_scales_grid_by_n_and_selects_on_query(mislabelled: dict)
                 p += multiplier / N * d
         accuracies.append(accuracy_of(stepped, query))
     model = _copy(mislabelled["model"])
-    gamma = newton_removal(model, causes, query, fisher, N, gamma_multipliers=multipliers)
+    gamma = newton_removal(model, causes, Judge.accuracy_on(model, query, margin=0), fisher, N,
+                           gamma_multipliers=multipliers, inverse="diagonal")
     assert accuracy_of(mislabelled["model"], query) < max(accuracies)
     assert gamma == pytest.approx(multipliers[accuracies.index(max(accuracies))] / N), accuracies
     assert accuracy_of(model, query) == max(accuracies)
@@ -247,7 +273,7 @@ def _mlp_inputs(seed: int = 0) -> TreatmentInputs:
     fisher = diagonal_fisher(model, _loader(x, y_poisoned, 30), kind="exact")
     return TreatmentInputs(model=model, causes=_loader(x[poisoned], y_poisoned[poisoned], 8),
                            kept=_loader(x[keep], y_poisoned[keep], 32), query=_loader(query_x, torch.zeros(4).long()),
-                           check=_loader(query_x, torch.zeros(4).long()),
+                           judge=Judge.accuracy_on(model, _loader(query_x, torch.zeros(4).long()), margin=0),
                            fisher=fisher, n_train=90, adapter=BatchAdapter())
 
 
@@ -283,9 +309,9 @@ def test_missing_inputs_raise(convex: dict) -> None:
     x, y = convex["x"], convex["y"]
     causes = _loader(x[:2], y[:2])
     with pytest.raises(ValueError, match="fisher"):
-        newton_removal(_copy(convex["model"]), causes, None, None, N)
+        newton_removal(_copy(convex["model"]), causes, None, None, N, inverse="diagonal")
     with pytest.raises(ValueError, match="kept_loader"):
-        newton_removal(_copy(convex["model"]), causes, None, None, N, inverse="lissa")
+        newton_removal(_copy(convex["model"]), causes, None, None, N)
     with pytest.raises(ValueError, match="n_train"):
         newton_removal(_copy(convex["model"]), causes, None, None, 0)
     with pytest.raises(ValueError, match="callable"):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from helpers import Blobs, BlobsDataModule, TinyClassifier, write_fake_fashion_mnist
 from lightning_repair import RepairCallback
+from lightning_repair.acceptance import Choice
 from lightning_repair.identify import LinearInfluence, Scorer, TrainingLoss
 from lightning_repair.treat import EWCUnlearning, Finetune, Treatment
 
@@ -36,27 +37,43 @@ class Snapshot(Callback):
         self.state = copy.deepcopy(pl_module.state_dict())
 
 
-class Scramble(Treatment):
-    """Breaks the model: every weight set to noise."""
+class Forced(Treatment):
+    """A treatment whose one candidate is kept whatever the judge says, so that the rollback alone decides."""
 
     def treat(self, inputs):
+        return Choice(next(self.candidates(inputs), None), float("nan"), 1)
+
+
+class Scramble(Forced):
+    """Breaks the model: every weight set to noise."""
+
+    def candidates(self, inputs):
         with torch.no_grad():
             for p in inputs.model.parameters():
                 p.copy_(torch.randn_like(p) * 10)
+        yield "scrambled"
 
 
-class TrainOnCleanLabels(Treatment):
+class Unchanged(Forced):
+    """Proposes nothing: the model stays at θ̂."""
+
+    def candidates(self, inputs):
+        yield from ()
+
+
+class TrainOnCleanLabels(Forced):
     """An oracle that fits the copy to the clean training labels: failures due to the flips get fixed."""
 
     def __init__(self, dataset: Blobs) -> None:
         self.dataset = dataset
 
-    def treat(self, inputs):
+    def candidates(self, inputs):
         optimizer = torch.optim.Adam(inputs.model.parameters(), lr=1e-2)
         for _ in range(200):
             optimizer.zero_grad()
             F.cross_entropy(inputs.model(self.dataset.x), self.dataset.clean).backward()
             optimizer.step()
+        yield "clean labels"
 
 
 def same_state(a: dict, b: dict) -> bool:
@@ -69,36 +86,46 @@ def test_round_that_breaks_what_works_is_rolled_back(caplog):
     with caplog.at_level(logging.INFO):
         trainer = run(repair, max_epochs=1, extra=[before])
     record = repair.rounds[0]
-    assert record["accepted"] is False and "accuracy on R dropped" in record["rollback"]
+    assert record["accepted"] is False and "not more than" in record["rollback"] and record["gain"] < 0
     assert record["causes"] == 10 and record["removed"] == 0 and repair.removed_indices == []
     assert same_state(before.state, trainer.lightning_module.state_dict())
     assert "rolled back" in caplog.text
 
 
-def test_round_whose_failures_do_not_improve_is_rolled_back():
-    repair = RepairCallback(scorer=TrainingLoss(), treatment=Finetune(steps=0), top_k=10, start_epoch=0)
+def test_round_that_changes_nothing_is_rolled_back():
+    # A tie keeps θ̂: removing causes without a repair that shows a gain is not a repair.
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0)
     run(repair, max_epochs=2)
-    assert all(not r["accepted"] and "F_h did not improve" in r["rollback"] for r in repair.rounds)
+    assert all(not r["accepted"] and r["gain"] == 0 and "+0.0000" in r["rollback"] for r in repair.rounds)
     assert repair.removed_indices == []
+
+
+def test_cap_on_r_is_off_by_default_and_named_when_it_rejects():
+    assert RepairCallback().max_remaining_drop is None
+    capped = RepairCallback(scorer=TrainingLoss(), treatment=Scramble(), top_k=10, start_epoch=0,
+                            max_remaining_drop=0.05)
+    run(capped, max_epochs=1)
+    record = capped.rounds[0]
+    assert record["acc_r_before"] - record["acc_r_after"] > 0.05
+    assert record["accepted"] is False and "max_remaining_drop=0.05" in record["rollback"]
 
 
 def test_round_that_fixes_failures_is_accepted():
     data = BlobsDataModule(flip=0.3)
     before = Snapshot()
     repair = RepairCallback(scorer=TrainingLoss(), treatment=TrainOnCleanLabels(data.train_dataset), top_k=10,
-                            start_epoch=0, max_remaining_drop=0.1)
+                            start_epoch=0)
     trainer = run(repair, data=data, max_epochs=1, extra=[before])
     record = repair.rounds[0]
     assert record["accepted"] is True and record["rollback"] is None, record
-    assert record["acc_fh_after"] > record["acc_fh_before"]
-    assert record["acc_r_before"] - record["acc_r_after"] <= 0.1
+    assert record["gain"] > 2 * record["gain_standard_error"] > 0
     assert len(repair.removed_indices) == 10
     assert not same_state(before.state, trainer.lightning_module.state_dict())
 
 
 def test_rollback_can_be_disabled():
     repair = RepairCallback(scorer=TrainingLoss(), treatment=Scramble(), top_k=10, start_epoch=0,
-                            max_remaining_drop=None)
+                            rollback=False)
     run(repair, max_epochs=1)
     assert repair.rounds[0]["accepted"] is True and len(repair.removed_indices) == 10
 
@@ -142,7 +169,7 @@ def test_empty_failure_set_skips_the_round(caplog):
 
 def test_too_many_failures_are_subsampled(caplog):
     repair = RepairCallback(scorer=TrainingLoss(), treatment=Finetune(steps=1), top_k=5, start_epoch=0,
-                            max_failures=4, max_remaining_drop=None)
+                            max_failures=4, rollback=False)
     with caplog.at_level(logging.INFO):
         run(repair, max_epochs=1)
     record = repair.rounds[0]
@@ -255,7 +282,7 @@ def test_unsupported_layer_points_to_params():
     with pytest.raises(ValueError, match=r"BackPACK does not support \['net.1'\].*params="):
         run(RepairCallback(start_epoch=0), model=WithUnsupported(), max_epochs=1)
     # Restricted to the head, the same model repairs.
-    repair = RepairCallback(start_epoch=0, params=["net.3"], max_remaining_drop=None, top_k=5)
+    repair = RepairCallback(start_epoch=0, params=["net.3"], rollback=False, top_k=5)
     run(repair, model=WithUnsupported(), max_epochs=1)
     assert repair.rounds[0]["removed"] == 5
 
@@ -271,7 +298,7 @@ def test_in_place_activations_give_the_same_scores():
     for model in (InPlace(), TinyClassifier()):
         torch.manual_seed(0)
         model.load_state_dict(TinyClassifier().state_dict())
-        repair = RepairCallback(scorer=LinearInfluence(), top_k=5, start_epoch=0, max_remaining_drop=None)
+        repair = RepairCallback(scorer=LinearInfluence(), top_k=5, start_epoch=0, rollback=False)
         run(repair, model=model, max_epochs=1)
         scores.append(repair.rounds[0])
     assert scores[0]["causes"] == scores[1]["causes"] == 5
@@ -287,7 +314,7 @@ class WithBatchNorm(TinyClassifier):
 def test_batchnorm_model_repairs_without_touching_its_statistics():
     before, after = Snapshot(), Snapshot()
     repair = RepairCallback(scorer=TrainingLoss(), treatment=EWCUnlearning(max_steps=5), top_k=5, start_epoch=0,
-                            max_remaining_drop=None)
+                            rollback=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=[before, repair, after], accelerator="cpu", logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(WithBatchNorm(), BlobsDataModule())
@@ -309,7 +336,7 @@ def test_dataset_and_files_are_byte_identical_after_a_run(tmp_path):
     data.setup("fit")
     images, labels = data.train_dataset.images.clone(), data.train_dataset.labels.clone()
 
-    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=32, max_remaining_drop=None)
+    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=32, rollback=False)
     run(repair, model=ImageClassifier(), data=data, max_epochs=1)
 
     assert len(repair.removed_indices) == 10

@@ -7,6 +7,7 @@ Two forward passes over D, no per-example gradients.
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Sequence
 
@@ -18,7 +19,10 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
-from lightning_repair.optimize import anchored_fit, mean_loss
+from lightning_repair.acceptance import keep_best
+from lightning_repair.optimize import anchored_steps, mean_loss, total_cross_entropy
+
+STOP_EVERY, STOP_PATIENCE = 5, 4  # early stopping: the held-back failures' loss, checked every 5 steps
 
 
 def fit_to_failures(model: nn.Module, failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
@@ -39,9 +43,16 @@ def fit_to_failures(model: nn.Module, failure_loader: DataLoader, fisher: Sequen
     """
     adapter = adapter or BatchAdapter()
     plus = copy.deepcopy(model)
-    validate = (lambda m: -mean_loss(m, stop_loader, adapter)) if stop_loader is not None else None
-    anchored_fit(plus, failure_loader, direction=1.0, fisher=fisher, anchor_weight=n_train / 2, l2=l2, lr=lr,
-                 max_steps=max_steps, validate=validate, adapter=adapter)
+    steps = anchored_steps(plus, failure_loader, total_cross_entropy(len(failure_loader.dataset)), fisher=fisher,
+                           anchor_weight=n_train / 2, l2=l2, lr=lr, max_steps=max_steps,
+                           every=1 if stop_loader is None else STOP_EVERY, adapter=adapter)
+    if stop_loader is None:
+        collections.deque(steps, maxlen=0)  # run every step
+    else:
+        def stop_value(candidate: nn.Module) -> float:
+            return -mean_loss(candidate, stop_loader, adapter)
+
+        keep_best(plus, steps, stop_value, baseline=stop_value(plus), patience=STOP_PATIENCE)
     return plus
 
 

@@ -1,15 +1,16 @@
-"""The interface every treatment implements."""
+"""The interface every treatment implements: it proposes candidate repairs, and one rule chooses among them."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_repair.acceptance import Choice, Judge, choose
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.optimize import Check
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,8 @@ class TreatmentInputs:
         causes: the cause set C, shuffled.
         kept: D \\ C, shuffled.
         query: the failures F_q (e.g. to fit θ₊F).
-        check: how to rate a candidate model when choosing a step size or stopping early, higher is better: a
-            loader (its accuracy) or a function. The callback's: accuracy on F_q among models that keep accuracy
-            on the guard sample R_q within half of ``max_remaining_drop`` (−∞ otherwise), leaving room for the
-            rollback rule's check on R. F_q and R_q are the only
-            validation data a treatment may use.
+        judge: rates candidates by the acceptance rule against θ̂; in the callback on F_q and the guard sample
+            R_q, the only validation data a treatment may read.
         fisher: F̂ per scoped parameter, or None when the treatment does not need it.
         n_train: N, the number of training examples.
         adapter: how to read batches and logits.
@@ -36,7 +34,7 @@ class TreatmentInputs:
     causes: DataLoader
     kept: DataLoader
     query: DataLoader
-    check: Check
+    judge: Judge
     fisher: list[Tensor] | None
     n_train: int
     adapter: BatchAdapter
@@ -46,15 +44,26 @@ class TreatmentInputs:
 class Treatment(ABC):
     """Moves the model from θ̂ to θ⁻, erasing what it learnt from the causes C.
 
+    A treatment only proposes candidates (:meth:`candidates`); :func:`~lightning_repair.acceptance.choose` keeps
+    the one the judge accepts with the largest gain beyond noise, or θ̂ when it accepts none.
+
     Attributes:
-        needs_fisher: whether :meth:`treat` reads ``inputs.fisher``.
+        needs_fisher: whether :meth:`candidates` reads ``inputs.fisher``.
+        patience: stop after this many candidates in a row that do not improve on the best rating seen; None
+            rates them all.
     """
 
     needs_fisher: bool = False
+    patience: int | None = None
 
     @abstractmethod
-    def treat(self, inputs: TreatmentInputs) -> None:
-        """Updates ``inputs.model``'s trainable parameters in place."""
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[object]:
+        """Moves ``inputs.model``'s trainable parameters through candidate repairs in place, yielding a label
+        (a step, a step size) with the model at each."""
+
+    def treat(self, inputs: TreatmentInputs) -> Choice:
+        """Leaves ``inputs.model`` at the chosen candidate (θ̂ when none is accepted) and says which it was."""
+        return choose(inputs.model, self.candidates(inputs), inputs.judge, self.patience)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_repair.acceptance import Choice, Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits, model_device
 from lightning_repair.identify.ewc import fit_to_failures
-from lightning_repair.params import scoped_parameters
+from lightning_repair.params import finetune_parameters
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 AlignmentMode = Literal["soft", "relabel"]
@@ -106,37 +107,15 @@ def aligned_causes(model: nn.Module, cause_loader: DataLoader, step_size: float 
     return torch.cat(inputs), torch.cat(targets)
 
 
-def finetune_parameters(model: nn.Module, finetune_modules: Sequence[str] | Literal["all"] | None = None
-                        ) -> list[nn.Parameter]:
-    """The parameters the alignment fine-tune trains: trainable (``requires_grad``) ones of the chosen modules.
-
-    Args:
-        model: the repair copy.
-        finetune_modules: ``None``: the last ``nn.Linear`` in ``model.named_modules()`` order (usually the
-            classification head); ``"all"``: every trainable parameter; a list: the named submodules (names as
-            in ``model.named_modules()``, e.g. ``["net.12"]``).
-    """
-    if finetune_modules is None:
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError("The model has no nn.Linear layer to fine-tune by default; name the layers to train, "
-                             "e.g. `finetune_modules=['head']`, or pass `finetune_modules='all'`.")
-        names = linears[-1:]
-    else:
-        names = None if finetune_modules == "all" else list(finetune_modules)
-    try:
-        return scoped_parameters(model, names)
-    except ValueError as error:
-        raise ValueError(f"`finetune_modules={finetune_modules!r}`: {error}") from error
-
-
-def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: DataLoader,
-                     failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
-                     step_size: float = 0.1, steps: int = 10, mode: AlignmentMode = "soft",
-                     finetune_modules: Sequence[str] | Literal["all"] | None = None, finetune_steps: int = 100,
-                     lr: float = 1e-3, fit_lr: float = 1e-3, fit_steps: int = 100, seed: int = 0,
-                     adapter: BatchAdapter | None = None) -> None:
-    """Aligns the causes under θ₊F and fine-tunes ``model`` in place on (D \\ C) ∪ {(x̃_c, ỹ_c)}.
+def energy_alignment_candidates(model: nn.Module, cause_loader: DataLoader, kept_loader: DataLoader,
+                                failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
+                                step_size: float = 0.1, steps: int = 10, mode: AlignmentMode = "soft",
+                                finetune_modules: Sequence[str] | Literal["all"] | None = None,
+                                finetune_steps: int = 100, lr: float = 1e-3, fit_lr: float = 1e-3,
+                                fit_steps: int = 100, eval_every: int = 10, seed: int = 0,
+                                adapter: BatchAdapter | None = None) -> Iterator[int]:
+    """Aligns the causes under θ₊F and fine-tunes ``model`` in place on (D \\ C) ∪ {(x̃_c, ỹ_c)}, yielding the
+    step every ``eval_every`` steps and after the last: the candidates the acceptance rule chooses among.
 
     Each fine-tune step takes one batch of D \\ C (hard labels) and one batch of aligned causes and minimises
     (|D \\ C| · mean ℓ_kept + |C| · mean ℓ_aligned) / (|D \\ C| + |C|), an unbiased estimate of the mean
@@ -158,6 +137,7 @@ def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: Da
         lr: Adam's learning rate for the fine-tune.
         fit_lr: Adam's learning rate for θ₊F.
         fit_steps: Adam steps for θ₊F.
+        eval_every: fine-tune steps between candidates.
         seed: seeds the shuffling of the aligned causes.
         adapter: how to read batches and logits.
     """
@@ -169,7 +149,7 @@ def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: Da
     cause_inputs, cause_targets = aligned_causes(plus, cause_loader, step_size, steps, mode, adapter)
     del plus
     n_causes, n_kept = len(cause_inputs), len(kept_loader.dataset)
-    if finetune_steps == 0 or n_causes + n_kept == 0:
+    if n_causes + n_kept == 0:
         return
     generator = torch.Generator().manual_seed(seed)
     aligned_loader = DataLoader(TensorDataset(cause_inputs, cause_targets), batch_size=cause_loader.batch_size or 64,
@@ -180,8 +160,8 @@ def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: Da
     aligned = _cycle(aligned_loader, lambda stream: ((x.to(device), t.to(device)) for x, t in stream)) \
         if n_causes else None
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    with torch.enable_grad():
-        for _ in range(finetune_steps):
+    for step in range(1, finetune_steps + 1):
+        with torch.enable_grad():
             loss = 0.0
             if kept is not None:
                 x, y = next(kept)
@@ -195,9 +175,24 @@ def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: Da
             optimizer.zero_grad(set_to_none=True)
             # `inputs=` keeps gradients off every parameter outside the fine-tune, frozen or not.
             loss.backward(inputs=parameters)
-            optimizer.step()
-    for p in parameters:
-        p.grad = None
+        optimizer.step()
+        for p in parameters:
+            p.grad = None
+        if step % eval_every == 0 or step == finetune_steps:
+            yield step
+
+
+def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: DataLoader,
+                     failure_loader: DataLoader, judge: Judge | DataLoader, fisher: Sequence[Tensor] | None,
+                     n_train: int, **options: Any) -> Choice:
+    """Energy alignment of ``model`` in place, keeping the fine-tune step the judge accepts best (θ̂ if none).
+
+    ``judge`` is the acceptance rule's judge, or a loader whose accuracy judges (e.g. F_q); ``options`` are the
+    keyword arguments of :func:`energy_alignment_candidates`.
+    """
+    judge = as_judge(judge, model, options.get("adapter"))
+    return choose(model, energy_alignment_candidates(model, cause_loader, kept_loader, failure_loader, fisher,
+                                                     n_train, **options), judge)
 
 
 class EnergyAlignment(Treatment):
@@ -216,29 +211,33 @@ class EnergyAlignment(Treatment):
         lr: Adam's learning rate for the fine-tune.
         fit_lr: Adam's learning rate for θ₊F (as in EWC influence).
         fit_steps: Adam steps for θ₊F.
+        eval_every: fine-tune steps between the candidates the judge rates.
     """
 
     needs_fisher = True
 
     def __init__(self, step_size: float = 0.1, steps: int = 10, mode: AlignmentMode = "soft",
                  finetune_modules: list[str] | Literal["all"] | None = None, finetune_steps: int = 100,
-                 lr: float = 1e-3, fit_lr: float = 1e-3, fit_steps: int = 100) -> None:
+                 lr: float = 1e-3, fit_lr: float = 1e-3, fit_steps: int = 100, eval_every: int = 10) -> None:
         _check_mode(mode)
         _check_alignment(step_size, steps)
-        if finetune_steps < 0 or lr <= 0 or fit_lr <= 0 or fit_steps < 1:
-            raise ValueError("EnergyAlignment needs finetune_steps ≥ 0, lr > 0, fit_lr > 0 and fit_steps ≥ 1; got "
-                             f"{finetune_steps}, {lr}, {fit_lr}, {fit_steps}.")
+        if finetune_steps < 1 or lr <= 0 or fit_lr <= 0 or fit_steps < 1 or eval_every < 1:
+            raise ValueError("EnergyAlignment needs finetune_steps ≥ 1, lr > 0, fit_lr > 0, fit_steps ≥ 1 and "
+                             f"eval_every ≥ 1; got {finetune_steps}, {lr}, {fit_lr}, {fit_steps}, {eval_every}.")
         if isinstance(finetune_modules, str) and finetune_modules != "all":
             raise ValueError(f"finetune_modules must be None, 'all' or a list of module names, got "
                              f"{finetune_modules!r}; for one module write [{finetune_modules!r}].")
         self.step_size, self.steps, self.mode = step_size, steps, mode
         self.finetune_modules = finetune_modules
         self.finetune_steps, self.lr, self.fit_lr, self.fit_steps = finetune_steps, lr, fit_lr, fit_steps
+        self.eval_every = eval_every
 
-    def treat(self, inputs: TreatmentInputs) -> None:
-        energy_alignment(inputs.model, inputs.causes, inputs.kept, inputs.query, inputs.fisher, inputs.n_train,
-                         self.step_size, self.steps, self.mode, self.finetune_modules, self.finetune_steps,
-                         self.lr, self.fit_lr, self.fit_steps, inputs.seed, inputs.adapter)
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
+        return energy_alignment_candidates(
+            inputs.model, inputs.causes, inputs.kept, inputs.query, inputs.fisher, inputs.n_train,
+            step_size=self.step_size, steps=self.steps, mode=self.mode, finetune_modules=self.finetune_modules,
+            finetune_steps=self.finetune_steps, lr=self.lr, fit_lr=self.fit_lr, fit_steps=self.fit_steps,
+            eval_every=self.eval_every, seed=inputs.seed, adapter=inputs.adapter)
 
 
 def _cycle(loader: DataLoader, read: Callable[[Iterable], Iterator[tuple[Any, Tensor]]]

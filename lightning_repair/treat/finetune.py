@@ -2,34 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_repair.acceptance import Choice, Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.optimize import FitResult, anchored_fit
+from lightning_repair.optimize import anchored_steps, mean_cross_entropy
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 
-def finetune(model: nn.Module, kept_loader: DataLoader, steps: int = 100, lr: float = 1e-3,
-             adapter: BatchAdapter | None = None) -> FitResult:
-    """Trains ``model`` in place for ``steps`` Adam steps on D \\ C (``kept_loader``, shuffled)."""
-    return anchored_fit(model, kept_loader, direction=1.0, fisher=None, anchor_weight=0.0, lr=lr,
-                        max_steps=steps, adapter=adapter)
+def finetune_candidates(model: nn.Module, kept_loader: DataLoader, steps: int = 100, lr: float = 1e-3,
+                        eval_every: int = 10, adapter: BatchAdapter | None = None) -> Iterator[int]:
+    """Adam steps on D \\ C (``kept_loader``, shuffled), yielding every ``eval_every`` steps and after the last."""
+    last = 0
+    for last in anchored_steps(model, kept_loader, mean_cross_entropy, lr=lr, max_steps=steps, every=1,
+                               adapter=adapter):
+        if last % eval_every == 0 or last == steps:
+            yield last
+
+
+def finetune(model: nn.Module, kept_loader: DataLoader, judge: Judge | DataLoader, steps: int = 100,
+             lr: float = 1e-3, eval_every: int = 10, adapter: BatchAdapter | None = None) -> Choice:
+    """Fine-tunes ``model`` in place on D \\ C and keeps the step ``judge`` accepts best (θ̂ if none).
+
+    Args:
+        model: a repair copy at θ̂.
+        kept_loader: D \\ C, shuffled.
+        judge: the acceptance rule's judge, or a loader whose accuracy judges (e.g. F_q).
+        steps: Adam steps.
+        lr: Adam's learning rate.
+        eval_every: steps between candidates.
+        adapter: how to read batches and logits.
+    """
+    judge = as_judge(judge, model, adapter)
+    return choose(model, finetune_candidates(model, kept_loader, steps, lr, eval_every, adapter), judge)
 
 
 class Finetune(Treatment):
-    """Fine-tune on D \\ C. During training the user's own training, which goes on without C, continues it.
+    """Fine-tune on D \\ C, keeping the step the acceptance rule rates best. Training then goes on without C.
 
     Args:
-        steps: Adam steps on D \\ C within the round; 0 leaves the weights to the continuing training.
+        steps: Adam steps on D \\ C within the round.
         lr: Adam's learning rate.
+        eval_every: steps between the candidates the judge rates.
     """
 
-    def __init__(self, steps: int = 100, lr: float = 1e-3) -> None:
-        if steps < 0 or lr <= 0:
-            raise ValueError(f"Finetune needs steps ≥ 0 and lr > 0, got {steps} and {lr}.")
-        self.steps, self.lr = steps, lr
+    def __init__(self, steps: int = 100, lr: float = 1e-3, eval_every: int = 10) -> None:
+        if steps < 1 or lr <= 0 or eval_every < 1:
+            raise ValueError(f"Finetune needs steps ≥ 1, lr > 0 and eval_every ≥ 1, got {steps}, {lr}, {eval_every}. "
+                             "A round is kept only when its treatment raises validation accuracy, so a fine-tune of "
+                             "0 steps would always be rolled back.")
+        self.steps, self.lr, self.eval_every = steps, lr, eval_every
 
-    def treat(self, inputs: TreatmentInputs) -> None:
-        if self.steps:
-            finetune(inputs.model, inputs.kept, self.steps, self.lr, inputs.adapter)
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
+        return finetune_candidates(inputs.model, inputs.kept, self.steps, self.lr, self.eval_every, inputs.adapter)

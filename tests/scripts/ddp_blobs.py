@@ -41,7 +41,7 @@ class Record(Callback):
 
 torch.manual_seed(0)
 repair = RepairCallback(scorer=CountingScorer(max_steps=10), top_k=12, start_epoch=0, fisher_samples=64,
-                        max_remaining_drop=None)
+                        rollback=False)
 record = Record()
 trainer = pl.Trainer(max_epochs=3, strategy="ddp", accelerator="cpu", devices=2, callbacks=[repair, record],
                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
