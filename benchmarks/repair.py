@@ -83,7 +83,8 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
     "random": RandomScores,
 }
 # Scored for their identification figures only, never used to repair: reading F_h or R would bias the acceptance
-# rule, which judges on them. V \ F_h was the trusted utility before 0.2; kept to measure what leaving R out costs.
+# rule, which judges on them. V \ F_h was the trusted utility before the acceptance rule; kept to measure what
+# leaving R out of the utility costs in average precision.
 IDENTIFICATION_ONLY = {"knn_shapley_v_minus_fh"}
 CLEANLAB = "cleanlab"
 TRUE_FLIPS = "true_flips"  # the label oracle's cause set: fine-tuned with it, the semi-oracle reference

@@ -28,7 +28,8 @@ class ScoringInputs:
         train: the training examples to score, in a fixed order; scores align with it.
         query: the failures F_q.
         stop: a small part of F_q held back for early stopping (EWC influence), or None.
-        trusted: V \\ F_h, the validation examples a method may use besides F_q (KNN-Shapley's option).
+        trusted: F_q ∪ R_q, every validation example a method may read (KNN-Shapley's trusted utility); never
+            F_h or R, on which the acceptance rule decides whether the round is kept.
         fisher: diagonal Fisher F̂ per scoped parameter, or None when the scorer does not need it.
         n_train: N, the number of training examples.
         adapter: how to read batches and logits.

@@ -234,8 +234,8 @@ class KNNShapley(Scorer):
     Args:
         k: neighbours of the KNN utility.
         module: name of the module whose input is the embedding φ(x); default the last ``nn.Linear``.
-        utility: ``"query"`` (F_q, the default) or ``"trusted"`` (V \\ F_h: all validation data but the holdout
-            failures).
+        utility: ``"query"`` (F_q, the default) or ``"trusted"`` (F_q ∪ R_q: every validation example a method
+            may read; the callback's R_q is half of the correctly classified ones).
         batch_size: utility points per distance computation.
     """
 
@@ -253,7 +253,8 @@ class KNNShapley(Scorer):
     def score(self, inputs: ScoringInputs) -> Tensor:
         utility_loader = inputs.query if self.utility == "query" else inputs.trusted
         if utility_loader is None:
-            raise ValueError("KNNShapley(utility='trusted') needs V \\ F_h, which these inputs do not provide.")
+            raise ValueError("KNNShapley(utility='trusted') needs F_q ∪ R_q (`inputs.trusted`), which these inputs do "
+                             "not provide.")
         train_x, train_y = embeddings(inputs.model, inputs.train, self.module, inputs.adapter, inputs.progress)
         utility_x, utility_y = embeddings(inputs.model, utility_loader, self.module, inputs.adapter)
         return knn_shapley_scores(train_x, train_y, utility_x, utility_y, self.k, self.batch_size).float().cpu()
