@@ -150,17 +150,3 @@ def gap_closed(repaired: float, noisy: float, oracle: float) -> float:
     """
     gap = oracle - noisy
     return (repaired - noisy) / gap if gap else math.nan
-
-
-def untouched_accuracy(failure_accuracy: float, remaining_accuracy: float, n_failures: int, n_correct: int) -> float:
-    """Validation accuracy estimated from the examples a repair never reads.
-
-    A repair selects its step on F_q and the guard R_q, so accuracy on them is optimistic. F_h is a random part
-    of the failures F and R a random part of the examples the noisy model got right, so weighting their
-    accuracies by the sizes of F and of the correct set estimates the accuracy on all the validation data,
-    without the bias. It is what the benchmark's summary ranks repairs by: a validation figure, not the test set.
-    """
-    if n_failures < 0 or n_correct < 0 or n_failures + n_correct == 0:
-        raise ValueError(f"needs non-negative counts with a positive sum, got {n_failures} failures and "
-                         f"{n_correct} correct examples.")
-    return (n_failures * failure_accuracy + n_correct * remaining_accuracy) / (n_failures + n_correct)

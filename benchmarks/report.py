@@ -22,7 +22,8 @@ METHOD_LABELS = {
     "linear_influence": "linear influence",
     "gradient_dot": "gradient dot (TracIn)",
     "knn_shapley": "KNN-Shapley",
-    "knn_shapley_trusted": "KNN-Shapley, utility V \\ F_h",
+    "knn_shapley_trusted": "KNN-Shapley, utility F_q ∪ R_q",
+    "knn_shapley_v_minus_fh": "KNN-Shapley, utility V \\ F_h (not used to repair)",
     "training_loss": "training loss",
     "random": "random",
     "cleanlab": "cleanlab",
@@ -32,13 +33,15 @@ TREATMENT_LABELS = {
     "finetune": "fine-tune on D \\ C",
     "ewc_deletion": "EWC deletion",
     "newton": "Newton removal",
+    "ewc_deletion_ascent": "EWC deletion, paper's ascent",
+    "newton_diagonal": "Newton removal, diagonal Fisher",
     "energy_alignment": "energy alignment",
     "retrain": "retrain on D \\ C",
 }
 IDENTIFICATION_FIGURES = ("auroc", "average_precision", "found_at_20", "causes", "precision", "recall", "seconds",
                           "epochs_of_time")
 REPAIR_FIGURES = ("causes", "f_q", "f_h", "r", "untouched", "test", "test_change", "gap_closed", "parameter_change",
-                  "seconds", "epochs_of_time")
+                  "accepted", "gain", "seconds", "epochs_of_time")
 REFERENCE_FIGURES = ("f_q", "f_h", "r", "untouched", "test")
 TRAINING_FIGURES = ("noisy_train_accuracy", "flips_memorised", "clean_examples_fit")
 RUN_FIGURES = ("n_flipped", "epoch_seconds", "fisher_seconds", "peak_memory_mb")
@@ -100,8 +103,43 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                            for figure in REPAIR_FIGURES}
                                for treatment in treatments}
                        for cause, treatments in first["repair"]["runs"].items()},
+            "acceptance": acceptance_summary(group),
         }
     return summary
+
+
+def acceptance_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How the acceptance rule (judged on F_h and R, as the callback's rollback) did against the test set.
+
+    ``agreement``: share of repairs whose verdict agrees with the sign of their test-accuracy change (accepted and
+    test up, or rejected and test not up); ``worst_accepted``: the lowest test change of an accepted repair.
+    ``picks``: per treatment and seed, the cause set (never the true flips) that the rule accepts with the
+    largest gain beyond noise, and the test change of the model kept (0 when it accepts none: θ̂ is kept).
+    """
+    rows = [with_derived(run, row) for run in runs for cause, treatments in run["repair"]["runs"].items()
+            for treatment, row in treatments.items() if treatment != "retrain"]
+    accepted = [row for row in rows if row["accepted"]]
+    treatments = list(dict.fromkeys(t for run in runs for ts in run["repair"]["runs"].values() for t in ts
+                                    if t != "retrain"))
+    picks: dict[str, Any] = {}
+    for treatment in treatments:
+        chosen, changes = [], []
+        for run in runs:
+            candidates = {cause: row for cause, ts in run["repair"]["runs"].items() if cause != "true_flips"
+                          and treatment in ts and (row := ts[treatment])["accepted"]}
+            best = max(candidates, default=None,
+                       key=lambda c: candidates[c]["gain"] - 2 * candidates[c]["gain_standard_error"])
+            chosen.append(best)
+            changes.append(with_derived(run, candidates[best])["test_change"] if best else 0.0)
+        picks[treatment] = {"causes": chosen, "test_change": stats(changes)}
+    return {
+        "repairs": len(rows), "accepted": len(accepted),
+        "agreement": (sum(row["accepted"] == (row["test_change"] > 0) for row in rows) / len(rows)
+                      if rows else math.nan),
+        "worst_accepted": min((row["test_change"] for row in accepted), default=math.nan),
+        "accepted_test_down": sum(row["test_change"] < 0 for row in accepted),
+        "picks": picks,
+    }
 
 
 # ---- files ----------------------------------------------------------------------------------------------------
@@ -216,14 +254,6 @@ def _header(out: Path, results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def best_cause(treatment: str, repair: dict[str, dict[str, Any]]) -> str | None:
-    """The cause set (not the label oracle's) whose repair with ``treatment`` has the best mean validation accuracy
-    from F_h and R; a pick on validation data, never on the test set."""
-    candidates = {cause: runs[treatment]["untouched"]["mean"] for cause, runs in repair.items()
-                  if cause != "true_flips" and treatment in runs and math.isfinite(runs[treatment]["untouched"]["mean"])}
-    return max(candidates, key=candidates.get) if candidates else None
-
-
 def _glance_section(results: Sequence[dict[str, Any]]) -> str:
     """One table per question across every setting: which method finds the flips, what each treatment buys."""
     settings = [(result["protocol"], regime, summary) for result in results
@@ -242,21 +272,14 @@ def _glance_section(results: Sequence[dict[str, Any]]) -> str:
 
     identification = _table(header, ([METHOD_LABELS.get(m, m), *(finding(m, i) for i in range(len(settings)))]
                                      for m in methods))
-    treatments = list(dict.fromkeys(t for _, _, s in settings for runs in s["repair"].values() for t in runs))
-    picks = [{t: best_cause(t, s["repair"]) for t in treatments} for _, _, s in settings]
-    best_repair = [max((t for t in treatments if pick[t]), default=None,
-                       key=lambda t: s["repair"][pick[t]][t]["untouched"]["mean"])
-                   for (_, _, s), pick in zip(settings, picks)]
+    treatments = list(dict.fromkeys(t for _, _, s in settings for t in s["acceptance"]["picks"]))
 
     def repairing(treatment: str, column: int) -> str:
-        cause = picks[column][treatment]
-        if cause is None:
+        pick = settings[column][2]["acceptance"]["picks"].get(treatment)
+        if pick is None:
             return "—"
-        f = settings[column][2]["repair"][cause][treatment]
-        if f["parameter_change"]["n"] and f["parameter_change"]["mean"] == 0:
-            return "kept θ̂ (+0.0 pp)"
-        text = f"{points(f['test_change'])}, gap {f['gap_closed']['mean']:.2f} ({METHOD_LABELS.get(cause, cause)})"
-        return f"**{text}**" if treatment == best_repair[column] else text
+        names = sorted({METHOD_LABELS.get(c, c) if c else "θ̂ kept" for c in pick["causes"]})
+        return f"{points(pick['test_change'])} ({'; '.join(names)})"
 
     rows = [[TREATMENT_LABELS.get(t, t), *(repairing(t, i) for i in range(len(settings)))] for t in treatments]
     rows.append(["*semi-oracle*: fine-tune without the true flips",
@@ -266,18 +289,42 @@ def _glance_section(results: Sequence[dict[str, Any]]) -> str:
     rows.append(["*noisy → oracle* test accuracy",
                  *(f"{s['references']['noisy']['test']['mean']:.3f} → {s['references']['oracle']['test']['mean']:.3f}"
                    for _, _, s in settings)])
+
+    def flips_row(treatment: str) -> list[str]:
+        cells = []
+        for _, _, s in settings:
+            f = s["repair"].get("true_flips", {}).get(treatment)
+            cells.append("—" if f is None else
+                         f"{points(f['test_change'])} (accepted {f['accepted']['mean'] * f['accepted']['n']:.0f}"
+                         f" of {f['accepted']['n']})")
+        return [TREATMENT_LABELS.get(treatment, treatment), *cells]
+
+    flip_treatments = list(dict.fromkeys(t for _, _, s in settings for t in s["repair"].get("true_flips", {})))
+    rule_rows = [[f"`{protocol}`, {regime}", str(a["repairs"]), str(a["accepted"]),
+                  f"{a['agreement']:.2f}" if a["agreement"] is not None and math.isfinite(a["agreement"]) else "—",
+                  str(a["accepted_test_down"]),
+                  (f"{a['worst_accepted'] * 100:+.1f} pp"
+                   if a["worst_accepted"] is not None and math.isfinite(a["worst_accepted"]) else "—")]
+                 for protocol, regime, s in settings for a in [s["acceptance"]]]
     return (
         "## At a glance\n\n"
         "**Finding the flips**: average precision (mean ± std over seeds) and, in brackets, the share of flips "
         "found after inspecting 20 % of D. Bold: the best average precision of the setting.\n\n"
         + identification
-        + "\n\n**Repairing**: the change in test accuracy from the noisy model (percentage points, mean ± std "
-          "over seeds) and the mean gap closed, by each treatment with the cause set (in brackets) whose repair "
-          "had the best validation accuracy estimated from F_h and R, so the pick never reads the test set. Bold: "
-          "the treatment whose pick scored best on that validation figure. Where the oracle is barely better "
-          "than the noisy model, gap closed divides by almost nothing: read the points. Every pair is in the "
-          "tables below.\n\n"
-        + _table(header, rows))
+        + "\n\n**Repairing as the callback would**: per seed, the cause set whose repair the acceptance rule "
+          "accepts on F_h and R with the largest gain beyond noise (never the true flips, never the test set); "
+          "when it accepts none, the noisy model is kept (+0.0). The change in test accuracy from the noisy model, "
+          "in percentage points, mean ± std over seeds, and the cause sets picked.\n\n"
+        + _table(header, rows)
+        + "\n\n**Unlearning the true flips** (C = the flipped examples, the label oracle's cause set): change in "
+          "test accuracy of the treated model, and how many seeds' repairs the rule accepted on F_h and R.\n\n"
+        + _table(header, [flips_row(t) for t in flip_treatments])
+        + "\n\n**The acceptance rule against the test set**, over every cause set × treatment (retraining "
+          "excluded): how many repairs it accepted, how often its verdict agrees with the sign of the test-"
+          "accuracy change (accepted and test up, or rejected and test not up), how many accepted repairs lowered "
+          "test accuracy, and the worst of them.\n\n"
+        + _table(["setting", "repairs judged", "accepted", "verdict agrees with test sign",
+                  "accepted, test down", "worst accepted test change"], rule_rows))
 
 
 def _protocol_section(result: dict[str, Any]) -> str:
@@ -330,18 +377,19 @@ def _protocol_section(result: dict[str, Any]) -> str:
                 rows.append([label, TREATMENT_LABELS.get(treatment, treatment), cell(f["causes"], 0),
                              *(cell(f[k]) for k in ("f_q", "f_h", "r", "untouched", "test", "gap_closed",
                                                     "parameter_change")),
-                             cell(f["seconds"], 1), cell(f["epochs_of_time"], 2)])
+                             cell(f["accepted"], 2), cell(f["seconds"], 1), cell(f["epochs_of_time"], 2)])
         parts.append(
             f"### Repair — `{protocol}`, {regime}\n\n" + _table(
                 ["causes C", "treatment", r"\|C\|", "acc. F_q", "acc. F_h", "acc. R", "acc. V (from F_h, R)",
                  "acc. test", "gap closed",
-                 "‖θ⁻ − θ̂‖ / ‖θ̂‖", "seconds", "÷ one epoch"], rows)
+                 "‖θ⁻ − θ̂‖ / ‖θ̂‖", "accepted (share of seeds)", "seconds", "÷ one epoch"], rows)
             + "\n\nThe noisy model has accuracy 0 on F and 1 on R by definition. *acc. V (from F_h, R)*: the "
               "validation accuracy estimated from the parts no repair reads (F_h for all failures, R for all "
-              "correct examples); the summary above ranks repairs by it. *gap closed* = (test − noisy "
+              "correct examples). *accepted*: the share of seeds whose repair the acceptance rule accepted on F_h "
+              "and R, as the callback's rollback would. *gap closed* = (test − noisy "
               "test) / (oracle test − noisy test). *random* removes as many random examples as the score "
-              "methods do. ‖θ⁻ − θ̂‖ / ‖θ̂‖ = 0 means the treatment kept the noisy weights (its own selection "
-              "on F_q ∪ R_q found no better step).\n\n"
+              "methods do. ‖θ⁻ − θ̂‖ / ‖θ̂‖ = 0 means the treatment kept the noisy weights (the acceptance "
+              "rule on F_q ∪ R_q accepted none of its candidates).\n\n"
               f"![failure vs remaining accuracy per treatment]({stem}_repair.png)")
     return "\n\n".join(parts)
 

@@ -1,6 +1,6 @@
 """Train the paper's CNN on Fashion-MNIST with flipped labels and repair it during training.
 
-    python examples/fashion_mnist_repair.py            # about 3 minutes on 2 idle CPU cores
+    python examples/fashion_mnist_repair.py            # 5 epochs of 50,000 images, a repair round after each
     python examples/fashion_mnist_repair.py --epochs 2 --train-subset 5000   # a quick look
 
 Prints, per repair round: failures found, causes selected, whether the round was kept or rolled back,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.metrics import (auroc, average_precision, average_ranks, detection_curve, found_at_fraction,
-                                gap_closed, precision_recall, untouched_accuracy)
+                                gap_closed, precision_recall)
 
 # Four examples, two flipped: the flips are ranked 1st and 3rd.
 SCORES = [0.9, 0.8, 0.7, 0.6]
@@ -76,14 +76,6 @@ def test_gap_closed():
     assert gap_closed(0.90, noisy=0.80, oracle=0.90) == pytest.approx(1.0)
     assert gap_closed(0.78, noisy=0.80, oracle=0.90) == pytest.approx(-0.2)
     assert math.isnan(gap_closed(0.9, noisy=0.8, oracle=0.8))
-
-
-def test_untouched_accuracy_weights_each_part_by_the_set_it_stands_for():
-    # 100 failures of which F_h says 30 % are now right; 900 correct examples of which R says 95 % still are.
-    assert untouched_accuracy(0.3, 0.95, n_failures=100, n_correct=900) == pytest.approx((30 + 855) / 1000)
-    assert untouched_accuracy(0.0, 1.0, n_failures=250, n_correct=750) == pytest.approx(0.75)  # the noisy model
-    with pytest.raises(ValueError, match="positive sum"):
-        untouched_accuracy(0.5, 0.5, n_failures=0, n_correct=0)
 
 
 def test_bad_inputs_are_refused():
