@@ -377,6 +377,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished (regime, seed) runs of an earlier, interrupted call")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: write the results from the finished runs of these options only (e.g. "
+                             "after several calls ran side by side)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.regimes, args.folds = [0], ["3k"], 3
@@ -416,9 +419,12 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             name = f"{args.protocol}_{regime.name}_epochs{regime.epochs}_seed{seed}_{options.key()}.json"
             saved = CACHE / "runs" / name
-            if args.resume and saved.is_file():
+            if (args.resume or args.collect) and saved.is_file():
                 log(f"reusing {saved}")
                 runs.append(json.loads(saved.read_text()))
+            elif args.collect:
+                log(f"not run yet, left out: {saved}")
+                continue
             else:
                 runs.append(run_setting(args.protocol, regime, seed, options, log))
                 saved.parent.mkdir(parents=True, exist_ok=True)
