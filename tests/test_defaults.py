@@ -95,8 +95,9 @@ class ResidualBatchNormNet(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def _fit(model: pl.LightningModule, data: OverlappingBlobs, repair: RepairCallback, epochs: int = 5) -> None:
-    torch.manual_seed(0)
+def _fit(build: type[pl.LightningModule], data: OverlappingBlobs, repair: RepairCallback, epochs: int = 5) -> None:
+    torch.manual_seed(0)  # before the model is built: its initial weights must not depend on earlier tests
+    model = build()
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[repair], accelerator="cpu", logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(model, data)
@@ -110,7 +111,7 @@ def _kept_precision(repair: RepairCallback, data: OverlappingBlobs) -> float:
 def test_defaults_repair_an_mlp_on_overlapping_noisy_blobs():
     data = OverlappingBlobs()
     repair = RepairCallback()
-    _fit(MLP(), data, repair)
+    _fit(MLP, data, repair)
     kept = [r for r in repair.rounds if r["accepted"]]
     assert kept, [(r.get("rollback"), r.get("gain")) for r in repair.rounds]
     flip_rate = len(data.flipped_indices) / len(data.train_dataset)
@@ -120,7 +121,7 @@ def test_defaults_repair_an_mlp_on_overlapping_noisy_blobs():
 def test_defaults_repair_the_head_of_a_residual_batchnorm_network_with_dict_batches():
     data = OverlappingBlobs(dict_batches=True)
     repair = RepairCallback(params=["head"])  # until the curvature backends follow residual additions
-    _fit(ResidualBatchNormNet(), data, repair)
+    _fit(ResidualBatchNormNet, data, repair)
     kept = [r for r in repair.rounds if r["accepted"]]
     assert kept, [(r.get("rollback"), r.get("gain")) for r in repair.rounds]
     flip_rate = len(data.flipped_indices) / len(data.train_dataset)
