@@ -11,6 +11,13 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """Trainers with ``logger=False`` write their logs (and the suspects CSVs) under the current directory: run
+    every test in its own temporary one, so the checkout stays clean."""
+    monkeypatch.chdir(tmp_path)
+
+
 def tiny_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
     """4 → 5 → 3 MLP."""
     torch.manual_seed(seed)
