@@ -448,7 +448,7 @@ def plot_repair(path: Path, summary: dict[str, Any], title: str) -> None:
             if treatment in runs:
                 f = runs[treatment]
                 ax.errorbar(f["r"]["mean"], f["f_h"]["mean"], xerr=_spread(f["r"]), yerr=_spread(f["f_h"]),
-                            fmt=markers[i % len(markers)], ms=6,
+                            fmt=markers[i % len(markers)], ms=6, color=f"C{i % 10}",  # one colour a cause set
                             label=METHOD_LABELS.get(cause, cause))
         ax.set(title=TREATMENT_LABELS.get(treatment, treatment), xlabel="accuracy on R (remaining)")
         ax.grid(alpha=0.3)
