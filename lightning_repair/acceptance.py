@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import batches, checked_logits
+from lightning_repair.failures import predict
 from lightning_repair.params import detached, trainable
 
 DEFAULT_MARGIN = 2.0
@@ -197,13 +197,10 @@ def choose(model: nn.Module, candidates: Iterable[object], judge: Judge, patienc
                      patience=patience)
 
 
-@torch.no_grad()
 def correctness(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None = None) -> Tensor:
     """Whether the model classifies each example of ``loader`` correctly, in order, on the CPU."""
-    adapter = adapter or BatchAdapter()
-    hits = [(checked_logits(model, inputs, labels, adapter).argmax(dim=1) == labels).cpu()
-            for inputs, labels in batches(loader, model, adapter)]
-    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    predictions, labels = predict(model, loader, adapter)
+    return predictions == labels
 
 
 def _mean(correct: Tensor) -> float:
