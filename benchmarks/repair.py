@@ -92,7 +92,7 @@ IDENTIFIERS = (*SCORERS, CLEANLAB)
 CAUSE_SETS = (*IDENTIFIERS, TRUE_FLIPS)
 REPAIRED = tuple(name for name in CAUSE_SETS if name not in IDENTIFICATION_ONLY)
 # The paper's own treatment forms only run with the true flips: they show what the defaults changed.
-PAPER_FORMS = ("ewc_deletion_ascent", "newton_diagonal")
+PAPER_FORMS = ("ewc_deletion_ascent", "newton_influence", "newton_diagonal")
 
 # The treatments, in table order; each takes |D \ C|. "retrain" trains from scratch on D \ C.
 TREATMENTS: dict[str, Callable[[int], Treatment]] = {
@@ -106,7 +106,9 @@ TREATMENTS: dict[str, Callable[[int], Treatment]] = {
     # diagonal-Fisher inverse.
     "ewc_deletion_ascent": lambda n_kept: EWCUnlearning(objective="ascent", modules="all", gamma=0.02, lr=3e-5,
                                                         max_steps=50, eval_every=5, patience=3),
-    "newton_diagonal": lambda n_kept: NewtonRemoval(inverse="diagonal",
+    # The paper's Newton step H⁻¹ Σ_C ∇ℓ (it assumes θ̂ minimises the loss on D), with LiSSA, then with the diagonal.
+    "newton_influence": lambda n_kept: NewtonRemoval(step="influence"),
+    "newton_diagonal": lambda n_kept: NewtonRemoval(inverse="diagonal", step="influence",
                                                     gamma_multipliers=(0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)),
     "energy_alignment": lambda n_kept: EnergyAlignment(),
 }
@@ -224,9 +226,13 @@ def complement(n: int, indices: Tensor) -> Tensor:
     return torch.nonzero(keep).flatten()
 
 
-def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log: Callable[[str], None]
-                ) -> dict[str, Any]:
-    """One (protocol, regime, seed): references, identification and repair; returns every figure."""
+def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log: Callable[[str], None],
+                rerun: dict[str, Any] | None = None, treatments: tuple[str, ...] = ALL_TREATMENTS) -> dict[str, Any]:
+    """One (protocol, regime, seed): references, identification and repair; returns every figure.
+
+    With ``rerun`` (an earlier record of the same run), only ``treatments`` run again, and their rows replace
+    those of ``rerun``; everything else is kept from it.
+    """
     started = time.perf_counter()
     data = FashionMNISTDataModule(noise=protocol, train_subset=regime.train_subset, seed=seed)
     data.setup("fit")
@@ -314,7 +320,7 @@ def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log:
                   "oracle": evaluate(oracle, validation, test, failures, failure_share)}
     gap = lambda test_accuracy: metrics.gap_closed(test_accuracy, references["noisy"]["test"],  # noqa: E731
                                                    references["oracle"]["test"])
-    repairs: dict[str, dict[str, Any]] = {}
+    repairs: dict[str, dict[str, Any]] = {} if rerun is None else rerun["repair"]["runs"]
     query_loader = val_examples.subset(failures.query).loader()
     # The callback's judge: the acceptance rule on F_q and R_q.
     judge = Judge(repair_copy(noisy), query_loader, val_examples.subset(failures.guard).loader(), failure_share,
@@ -322,8 +328,8 @@ def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log:
     retrain_for = [name for name in options.retrain_for if regime.retrain_for is None or name in regime.retrain_for]
     for cause_name, causes in cause_sets.items():
         kept = complement(n_train, causes)
-        repairs[cause_name] = {}
-        for treatment_name in ALL_TREATMENTS:
+        repairs.setdefault(cause_name, {})
+        for treatment_name in treatments:
             if ((treatment_name == RETRAIN and cause_name not in retrain_for)
                     or (treatment_name in PAPER_FORMS and cause_name != TRUE_FLIPS)):
                 continue
@@ -350,6 +356,10 @@ def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log:
                 "gap_closed": gap(row["test"]), "causes": len(causes), "seconds": seconds,
                 "epochs_of_time": seconds / epoch_seconds, "parameter_change": moved, "candidate": chosen}
     record["repair"] = {"references": references, "runs": repairs}
+    if rerun is not None:  # keep the earlier identification, timings and memory; only the repairs changed
+        rerun["repair"] = record["repair"]
+        rerun.setdefault("reruns", []).append({"treatments": list(treatments), "environment": environment()})
+        return rerun
     record["peak_memory_mb"] = peak_memory_mb()
     record["wall_seconds"] = time.perf_counter() - started
     return record
@@ -377,6 +387,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished (regime, seed) runs of an earlier, interrupted call")
+    parser.add_argument("--rerun", nargs="+", choices=ALL_TREATMENTS, default=None, metavar="TREATMENT",
+                        help="in the finished runs of these options, run only these treatments again and replace "
+                             "their rows (after a change to them); unfinished runs are left out")
     parser.add_argument("--collect", action="store_true",
                         help="run nothing: write the results from the finished runs of these options only (e.g. "
                              "after several calls ran side by side)")
@@ -419,7 +432,15 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             name = f"{args.protocol}_{regime.name}_epochs{regime.epochs}_seed{seed}_{options.key()}.json"
             saved = CACHE / "runs" / name
-            if (args.resume or args.collect) and saved.is_file():
+            if args.rerun and saved.is_file():
+                log(f"rerunning {', '.join(args.rerun)} in {saved}")
+                runs.append(run_setting(args.protocol, regime, seed, options, log,
+                                        rerun=json.loads(saved.read_text()), treatments=tuple(args.rerun)))
+                saved.write_text(json.dumps(runs[-1]))
+            elif args.rerun:
+                log(f"not run yet, left out: {saved}")
+                continue
+            elif (args.resume or args.collect) and saved.is_file():
                 log(f"reusing {saved}")
                 runs.append(json.loads(saved.read_text()))
             elif args.collect:

@@ -34,7 +34,8 @@ TREATMENT_LABELS = {
     "ewc_deletion": "EWC deletion",
     "newton": "Newton removal",
     "ewc_deletion_ascent": "EWC deletion, paper's ascent",
-    "newton_diagonal": "Newton removal, diagonal Fisher",
+    "newton_influence": "Newton removal, paper's step",
+    "newton_diagonal": "Newton removal, paper's step, diagonal Fisher",
     "energy_alignment": "energy alignment",
     "retrain": "retrain on D \\ C",
 }

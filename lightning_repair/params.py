@@ -6,8 +6,9 @@ N × parameters matrix.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -87,6 +88,23 @@ def repair_copy(model: nn.Module, params: Sequence[str] | None = None) -> nn.Mod
         if getattr(module, "inplace", False) is True:
             module.inplace = False  # in-place activations overwrite the inputs BackPACK stores; same values without
     return clone.eval()
+
+
+@contextlib.contextmanager
+def moving_only(model: nn.Module, moving: Sequence[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
+    """Within the block, only ``moving`` of the repair copy's trainable parameters are trainable; restored after.
+
+    Lets methods written against :func:`trainable` (gradients, Hessian-vector products) work on a subset, e.g.
+    the last layer, of a repair copy.
+    """
+    others = [p for p in trainable(model) if all(p is not m for m in moving)]
+    for parameter in others:
+        parameter.requires_grad_(False)
+    try:
+        yield trainable(model)
+    finally:
+        for parameter in others:
+            parameter.requires_grad_(True)
 
 
 def copy_parameters_(target: nn.Module, source: nn.Module) -> None:

@@ -1,5 +1,7 @@
 """Tests for Newton removal: exactness on a convex model, LiSSA, the γ selection and the Treatment wrapper."""
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -125,7 +127,8 @@ def test_exact_newton_step_matches_retraining(convex: dict, causes: list[int]) -
         flat = torch.cat([g.flatten() for g in gradient])
         return _unflat(model, torch.linalg.solve(mean_hessian, flat))
 
-    gamma = newton_removal(model, _loader(x[causes], y[causes]), None, None, N, inverse=exact_inverse)
+    gamma = newton_removal(model, _loader(x[causes], y[causes]), None, None, N, inverse=exact_inverse,
+                           step="influence")
     assert gamma == pytest.approx(1 / N)
     error = (_flat(model) - _flat(retrained)).norm()
     moved = (convex["theta_hat"] - _flat(retrained)).norm()
@@ -139,7 +142,8 @@ def test_diagonal_fisher_step_moves_toward_retraining(setting: str, request: pyt
     x, y = data["x"], data["y"]
     model = _copy(data["model"])
     fisher = diagonal_fisher(model, _loader(x, y, 16), kind="exact")
-    gamma = newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, fisher, N, inverse="diagonal")
+    gamma = newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, fisher, N, inverse="diagonal",
+                           step="influence")
     assert gamma == pytest.approx(1 / N)
     error, moved = _errors(data, _flat(model))
     assert error < moved, (error, moved)
@@ -176,9 +180,97 @@ def test_lissa_with_its_scale_from_power_iteration_matches_the_exact_newton_step
     hessian = _hessian(model, x[keep], y[keep], 0.0, reduction="mean")
     gradient = torch.cat([g.flatten() for g in loss_gradient(model, _loader(x[CAUSES], y[CAUSES]))])
     exact = torch.linalg.solve(hessian + 0.01 * scale * torch.eye(len(hessian), dtype=hessian.dtype), gradient)
-    gamma = newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, None, N, kept_loader=kept, lissa_steps=2000)
+    gamma = newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, None, N, kept_loader=kept, lissa_steps=2000,
+                           step="influence")
     step = (_flat(model) - convex["theta_hat"]) / gamma
     assert (step - exact).norm() < 0.02 * exact.norm(), ((step - exact).norm() / exact.norm()).item()
+
+
+class _LastLogitZero(nn.Module):
+    """Softmax regression with the last class's logit fixed at 0: no penalty needed for a unique minimum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(DIM, CLASSES - 1).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.linear(x)
+        return torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1)
+
+
+def _mean_loss_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The exact Hessian of the summed cross-entropy over the flattened trainable parameters."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+
+    def objective(flat: Tensor) -> Tensor:
+        values = dict(zip(names, _unflat(model, flat)))
+        return F.cross_entropy(torch.func.functional_call(model, values, (x,)), y, reduction="sum")
+
+    return torch.autograd.functional.hessian(objective, _flat(model))
+
+
+def _minimise(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    for _ in range(30):  # Newton's method on a strictly convex problem
+        grad = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), trainable(model))
+        step = torch.linalg.solve(_mean_loss_hessian(model, x, y), torch.cat([g.flatten() for g in grad]))
+        with torch.no_grad():
+            for p, s in zip(trainable(model), _unflat(model, step)):
+                p -= s
+    grad = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), trainable(model))
+    assert torch.cat([g.flatten() for g in grad]).norm() < 1e-10
+
+
+def _unregularised(trained: bool) -> dict:
+    """Softmax regression without a penalty on overlapping classes: at its minimum on D, or stopped early."""
+    generator = torch.Generator().manual_seed(1)
+    centres = 0.7 * torch.randn(CLASSES, DIM, generator=generator, dtype=torch.float64)
+    y = torch.arange(N) % CLASSES
+    x = centres[y] + torch.randn(N, DIM, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = _LastLogitZero()
+    if trained:
+        _minimise(model, x, y)
+    else:  # a few gradient steps: far from the minimum, as a network is after a few epochs
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[CAUSES] = False
+    retrained = copy.deepcopy(model)
+    _minimise(retrained, x[keep], y[keep])
+    return {"model": model, "x": x, "y": y, "keep": keep, "theta_retrain": _flat(retrained)}
+
+
+def _exact_step(data: dict, step: str) -> Tensor:
+    """θ after newton_removal with the exact inverse of D \\ C's mean-loss Hessian at θ̂, nominal γ = 1/N."""
+    x, y, keep = data["x"], data["y"], data["keep"]
+    model = copy.deepcopy(data["model"])
+    mean_hessian = _mean_loss_hessian(model, x[keep], y[keep]) / N
+
+    def exact_inverse(gradient: list[Tensor]) -> list[Tensor]:
+        return _unflat(model, torch.linalg.solve(mean_hessian, torch.cat([g.flatten() for g in gradient])))
+
+    newton_removal(model, _loader(x[CAUSES], y[CAUSES]), None, None, N, kept_loader=_loader(x[keep], y[keep]),
+                   inverse=exact_inverse, step=step)
+    return _flat(model)
+
+
+def test_kept_loss_step_equals_the_papers_step_at_a_minimum() -> None:
+    data = _unregularised(trained=True)
+    assert torch.allclose(_exact_step(data, "kept_loss"), _exact_step(data, "influence"), atol=1e-8)
+
+
+def test_kept_loss_step_stays_right_away_from_a_minimum() -> None:
+    # Stopped early, θ̂ is no minimum of D's loss, and the paper's step (which assumes one) barely moves towards
+    # the model retrained on D \\ C; the kept-loss step is one Newton step on D \\ C's loss and gets close.
+    data = _unregularised(trained=False)
+    start = (_flat(data["model"]) - data["theta_retrain"]).norm()
+    influence = (_exact_step(data, "influence") - data["theta_retrain"]).norm()
+    kept_loss = (_exact_step(data, "kept_loss") - data["theta_retrain"]).norm()
+    assert kept_loss < 0.5 * start, (kept_loss.item(), start.item())
+    assert kept_loss < 0.5 * influence, (kept_loss.item(), influence.item())
 
 
 def test_lissa_diverges_loudly_when_scale_too_small(convex: dict) -> None:
@@ -244,7 +336,7 @@ def test_newton_removal_scales_grid_by_n_and_selects_on_query(mislabelled: dict)
         accuracies.append(accuracy_of(stepped, query))
     model = _copy(mislabelled["model"])
     gamma = newton_removal(model, causes, Judge.accuracy_on(model, query, margin=0), fisher, N,
-                           gamma_multipliers=multipliers, inverse="diagonal")
+                           gamma_multipliers=multipliers, inverse="diagonal", step="influence")
     assert accuracy_of(mislabelled["model"], query) < max(accuracies)
     assert gamma == pytest.approx(multipliers[accuracies.index(max(accuracies))] / N), accuracies
     assert accuracy_of(model, query) == max(accuracies)
@@ -299,6 +391,8 @@ def test_newton_removal_treat_smoke(inverse: str) -> None:
     ({"lissa_steps": 0}, "lissa_steps"),
     ({"lissa_scale": 0.0}, "lissa_scale"),
     ({"lissa_damping": 1.0}, "lissa_damping"),
+    ({"step": "exact"}, "step"),
+    ({"modules": "head"}, "modules"),
 ])
 def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -309,9 +403,11 @@ def test_missing_inputs_raise(convex: dict) -> None:
     x, y = convex["x"], convex["y"]
     causes = _loader(x[:2], y[:2])
     with pytest.raises(ValueError, match="fisher"):
-        newton_removal(_copy(convex["model"]), causes, None, None, N, inverse="diagonal")
+        newton_removal(_copy(convex["model"]), causes, None, None, N, inverse="diagonal", step="influence")
     with pytest.raises(ValueError, match="kept_loader"):
         newton_removal(_copy(convex["model"]), causes, None, None, N)
+    with pytest.raises(ValueError, match="kept_loader"):
+        newton_removal(_copy(convex["model"]), causes, None, None, N, inverse=lambda g: g)
     with pytest.raises(ValueError, match="n_train"):
         newton_removal(_copy(convex["model"]), causes, None, None, 0)
     with pytest.raises(ValueError, match="callable"):

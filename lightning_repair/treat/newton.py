@@ -24,13 +24,15 @@ from lightning_repair.acceptance import Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits, loss_gradient
 from lightning_repair.identify.influence import natural_gradient
-from lightning_repair.params import detached, dot, trainable
+from lightning_repair.params import detached, dot, finetune_parameters, moving_only, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 InverseHVP = Callable[[list[Tensor]], list[Tensor]]
 """Maps g, one tensor per trainable parameter, to H⁻¹ g with H the Hessian of the mean training loss."""
 
 INVERSES = ("diagonal", "lissa")
+Step = Literal["kept_loss", "influence"]
+STEPS = ("kept_loss", "influence")
 GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # around the nominal γN = 1
 SCALE_OVER_EIGENVALUE = 2.0  # LiSSA's scale over the mean Hessian's |λ|_max: batch Hessians reach further
 MIN_SCALE = 1e-3
@@ -100,14 +102,34 @@ def newton_candidates(model: nn.Module, cause_loader: DataLoader, fisher: Sequen
                       *, kept_loader: DataLoader | None = None, damping: float = 1e-3,
                       gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
                       inverse: Literal["diagonal", "lissa"] | InverseHVP = "lissa", lissa_steps: int = 300,
-                      lissa_scale: float | None = None, lissa_damping: float = 0.01, seed: int = 0,
+                      lissa_scale: float | None = None, lissa_damping: float = 0.01, step: Step = "kept_loss",
+                      modules: Sequence[str] | Literal["all"] | None = "all", seed: int = 0,
                       adapter: BatchAdapter | None = None) -> Iterator[float]:
     """Places ``model`` at θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂) for each γ = m / N, m in ``gamma_multipliers`` (ascending),
     yielding γ. Arguments as in :func:`newton_removal`."""
-    _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping)
+    _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping, step)
     if n_train < 1:
         raise ValueError(f"n_train (N) must be ≥ 1, got {n_train}.")
-    gradient = loss_gradient(model, cause_loader, adapter)
+    moving = finetune_parameters(model, modules)
+    if fisher is not None:
+        fisher_of = {id(p): f for p, f in zip(trainable(model), fisher)}
+        fisher = [fisher_of[id(p)] for p in moving]
+    with moving_only(model, moving):
+        yield from _newton_steps(model, cause_loader, fisher, n_train, kept_loader, damping, gamma_multipliers,
+                                 inverse, lissa_steps, lissa_scale, lissa_damping, step, seed, adapter)
+
+
+def _newton_steps(model: nn.Module, cause_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
+                  kept_loader: DataLoader | None, damping: float, gamma_multipliers: Sequence[float],
+                  inverse: Literal["diagonal", "lissa"] | InverseHVP, lissa_steps: int, lissa_scale: float | None,
+                  lissa_damping: float, step: Step, seed: int, adapter: BatchAdapter | None) -> Iterator[float]:
+    """:func:`newton_candidates` over the model's trainable parameters."""
+    if step == "kept_loss":
+        if kept_loader is None:
+            raise ValueError('step="kept_loss" needs `kept_loader` (D \\ C), whose loss it steps down.')
+        gradient = [-g for g in loss_gradient(model, kept_loader, adapter)]  # Σ_C ∇ℓ − Σ_D ∇ℓ
+    else:
+        gradient = loss_gradient(model, cause_loader, adapter)
     if callable(inverse):
         direction = inverse(gradient)
     elif inverse == "diagonal":
@@ -159,7 +181,8 @@ def newton_removal(model: nn.Module, cause_loader: DataLoader, judge: Judge | Da
                    fisher: Sequence[Tensor] | None, n_train: int, *, kept_loader: DataLoader | None = None,
                    damping: float = 1e-3, gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
                    inverse: Literal["diagonal", "lissa"] | InverseHVP = "lissa", lissa_steps: int = 300,
-                   lissa_scale: float | None = None, lissa_damping: float = 0.01, seed: int = 0,
+                   lissa_scale: float | None = None, lissa_damping: float = 0.01, step: Step = "kept_loss",
+                   modules: Sequence[str] | Literal["all"] | None = "all", seed: int = 0,
                    adapter: BatchAdapter | None = None) -> float:
     """Removes the causes from ``model`` in place by θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂); returns γ (0.0: θ̂ kept).
 
@@ -178,12 +201,17 @@ def newton_removal(model: nn.Module, cause_loader: DataLoader, judge: Judge | Da
         lissa_steps: LiSSA recursion steps.
         lissa_scale: LiSSA's scale s; None: twice the largest Hessian eigenvalue, by power iteration.
         lissa_damping: LiSSA's damping d (H is damped by d·s).
+        step: ``"kept_loss"`` (default): a Newton step on the loss of D \\ C, −γ H⁻¹ Σ_{D \\ C} ∇ℓ(z; θ̂), which
+            equals the paper's step when θ̂ minimises the loss on D and stays right when it does not;
+            ``"influence"``: the paper's γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂).
+        modules: which layers move: ``"all"`` (default), every parameter in scope; None, the last ``nn.Linear``; or
+            module names. H, the gradient and the step are restricted to them.
         seed: seeds the power iteration's start.
         adapter: how to read batches and logits.
     """
     arguments = dict(kept_loader=kept_loader, damping=damping, gamma_multipliers=gamma_multipliers,
                      inverse=inverse, lissa_steps=lissa_steps, lissa_scale=lissa_scale,
-                     lissa_damping=lissa_damping, seed=seed, adapter=adapter)
+                     lissa_damping=lissa_damping, step=step, modules=modules, seed=seed, adapter=adapter)
     if judge is None:  # the nominal step, unjudged
         return next(newton_candidates(model, cause_loader, fisher, n_train, **arguments | {"gamma_multipliers": (1,)}))
     judge = as_judge(judge, model, adapter)
@@ -210,15 +238,20 @@ class NewtonRemoval(Treatment):
 
     def __init__(self, damping: float = 1e-3, gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
                  inverse: Literal["diagonal", "lissa"] = "lissa", lissa_steps: int = 300,
-                 lissa_scale: float | None = None, lissa_damping: float = 0.01) -> None:
+                 lissa_scale: float | None = None, lissa_damping: float = 0.01, step: Step = "kept_loss",
+                 modules: list[str] | Literal["all"] | None = "all") -> None:
         if callable(inverse):
             raise ValueError('NewtonRemoval takes inverse="diagonal" or "lissa"; pass a callable to '
                              "`newton_removal` instead.")
-        _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping)
+        _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping, step)
+        if isinstance(modules, str) and modules != "all":
+            raise ValueError(f"modules must be None, 'all' or a list of module names, got {modules!r}; for one "
+                             f"module write [{modules!r}].")
         self.damping = damping
         self.gamma_multipliers = tuple(float(m) for m in gamma_multipliers)
         self.inverse = inverse
         self.lissa_steps, self.lissa_scale, self.lissa_damping = lissa_steps, lissa_scale, lissa_damping
+        self.step, self.modules = step, modules
 
     @property
     def needs_fisher(self) -> bool:  # type: ignore[override]
@@ -228,11 +261,13 @@ class NewtonRemoval(Treatment):
         return newton_candidates(inputs.model, inputs.causes, inputs.fisher, inputs.n_train, kept_loader=inputs.kept,
                                  damping=self.damping, gamma_multipliers=self.gamma_multipliers,
                                  inverse=self.inverse, lissa_steps=self.lissa_steps, lissa_scale=self.lissa_scale,
-                                 lissa_damping=self.lissa_damping, seed=inputs.seed, adapter=inputs.adapter)
+                                 lissa_damping=self.lissa_damping, step=self.step, modules=self.modules,
+                                 seed=inputs.seed,
+                                 adapter=inputs.adapter)
 
 
 def _check_arguments(damping: float, gamma_multipliers: Sequence[float], inverse: str | InverseHVP,
-                     lissa_steps: int, lissa_scale: float | None, lissa_damping: float) -> None:
+                     lissa_steps: int, lissa_scale: float | None, lissa_damping: float, step: str) -> None:
     """Raises ValueError naming the first bad Newton-removal argument."""
     if not damping > 0:
         raise ValueError(f"damping must be > 0 to invert the Fisher, got {damping}.")
@@ -240,6 +275,8 @@ def _check_arguments(damping: float, gamma_multipliers: Sequence[float], inverse
     if not multipliers or not all(isinstance(m, (int, float)) and math.isfinite(m) and m > 0 for m in multipliers):
         raise ValueError(f"gamma_multipliers must be a non-empty list of finite numbers > 0 (multiples of the "
                          f"nominal γ = 1/N), got {gamma_multipliers!r}.")
+    if step not in STEPS:
+        raise ValueError(f"Unknown Newton step {step!r}; choose one of {STEPS}.")
     if not callable(inverse) and inverse not in INVERSES:
         raise ValueError(f"Unknown inverse {inverse!r}; choose one of {INVERSES}.")
     _check_lissa(lissa_steps, lissa_scale, lissa_damping)
