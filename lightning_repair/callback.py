@@ -47,7 +47,10 @@ class RepairCallback(Callback):
         scorer: identification method; default ``KNNShapley(utility="trusted")``, the best-ranking scorer in every
             setting of the benchmark (the paper's EWC influence ranks flips near chance with class-pair noise).
         treatment: treatment method; default :class:`~lightning_repair.treat.EWCUnlearning`.
-        every_n_epochs: repair after every this many epochs.
+        every_n_epochs: repair after every this many epochs; None (default): after ever longer gaps, each twice the
+            one before, so rounds follow (start_epoch + 1) · 2^k epochs: 2, 4, 8, 16, … epochs with the default
+            start — 2 rounds in a 5-epoch fit, 7 in a 150-epoch one. A round that falls on an epoch without
+            validation runs at the next validation.
         start_epoch: the first epoch (0-based, as ``trainer.current_epoch``) after whose validation to repair.
         top_k: remove the k highest-scored examples per round.
         top_fraction: remove this fraction of the training set per round.
@@ -89,7 +92,7 @@ class RepairCallback(Callback):
         self,
         scorer: Scorer | None = None,
         treatment: Treatment | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
         start_epoch: int = 1,
         top_k: int | None = None,
         top_fraction: float | None = None,
@@ -111,7 +114,7 @@ class RepairCallback(Callback):
         seed: int = 0,
     ) -> None:
         check_selection(top_k, top_fraction, threshold)
-        if every_n_epochs < 1 or start_epoch < 0:
+        if (every_n_epochs is not None and every_n_epochs < 1) or start_epoch < 0:
             raise ValueError(f"every_n_epochs must be ≥ 1 and start_epoch ≥ 0, got {every_n_epochs}, {start_epoch}.")
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}.")
@@ -142,7 +145,7 @@ class RepairCallback(Callback):
         self.report, self.report_images = report, report_images
         self.rounds: list[RoundRecord] = []
         self._removed: set[int] = set()
-        self._loss_unwarned, self._loss_batch = True, None
+        self._loss_unwarned, self._loss_batch, self._training_loss = True, None, None
 
     # ---- public state -------------------------------------------------------------------------------------
 
@@ -178,24 +181,31 @@ class RepairCallback(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._loss_batch is not None and loss.numel() == 1:
             # Lightning divides the loss by `accumulate_grad_batches` before the backward pass.
-            training_loss = float(loss) * trainer.accumulate_grad_batches
-            self._loss_unwarned = check_cross_entropy(pl_module, self._loss_batch, training_loss, self.adapter)
-            self._loss_batch = None
+            self._training_loss = float(loss.detach()) * trainer.accumulate_grad_batches
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the backward pass: the check's forward pass must not touch tensors the user's graph saved.
+        if self._loss_batch is not None and self._training_loss is not None:
+            self._loss_unwarned = check_cross_entropy(pl_module, self._loss_batch, self._training_loss, self.adapter)
+        self._loss_batch, self._training_loss = None, None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stopped_early = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
-        if self._due(trainer.current_epoch) and not stopped_early:  # the validation that runs a round did not run
+        owed_since = self._owed_since(trainer.current_epoch)
+        validation_gap = trainer.check_val_every_n_epoch or 1
+        if owed_since is not None and trainer.current_epoch - owed_since + 1 >= validation_gap and not stopped_early:
             raise RuntimeError(
-                f"RepairCallback was due to repair after epoch {trainer.current_epoch}, but no validation ran. It "
-                "needs a validation DataLoader (failures come from validation data only) and a validation run at "
-                "the end of each repair epoch: define `val_dataloader()` and `validation_step`, keep "
-                "`limit_val_batches` > 0, and make `every_n_epochs` a multiple of `check_val_every_n_epoch`.")
+                f"RepairCallback was due to repair after epoch {owed_since}, but no validation has run since. It "
+                "needs a validation DataLoader (failures come from validation data only) and validation runs "
+                "during fit: define `val_dataloader()` and `validation_step`, and keep `limit_val_batches` > 0.")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._due(trainer.current_epoch):
             return
-        # Validation runs under inference mode; the repair needs gradients.
-        with torch.inference_mode(False), torch.enable_grad():
+        # Validation runs under inference mode; the repair needs gradients. The round draws random numbers (loader
+        # seeds, MC labels); the user's RNG streams go on as if it had not run, so a rolled-back round changes
+        # nothing, not even the order of the next epoch's batches.
+        with _user_rng_kept(pl_module), torch.inference_mode(False), torch.enable_grad():
             record = self._repair(trainer, pl_module)
         self.rounds.append(record)
         for logger in trainer.loggers:
@@ -389,9 +399,13 @@ class RepairCallback(Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "repair"
 
     def _due(self, epoch: int) -> bool:
-        if epoch < self.start_epoch or (epoch - self.start_epoch) % self.every_n_epochs:
-            return False
-        return all(record["epoch"] != epoch for record in self.rounds)  # one round per epoch
+        """Whether a validation at ``epoch`` runs a round: one is scheduled at or before it, and none ran since."""
+        return self._owed_since(epoch) is not None
+
+    def _owed_since(self, epoch: int) -> int | None:
+        """The earliest scheduled epoch ≤ ``epoch`` after the last round's, or None when no round is owed."""
+        last = max((record["epoch"] for record in self.rounds), default=-1)
+        return next((e for e in scheduled_epochs(self.start_epoch, self.every_n_epochs, epoch) if e > last), None)
 
     def _selection(self, top_k: int | None, top_fraction: float | None, threshold: float | None) -> dict:
         if top_k is None and top_fraction is None and threshold is None:
@@ -407,6 +421,21 @@ class RepairCallback(Callback):
     @staticmethod
     def _val_loader(trainer: pl.Trainer) -> DataLoader:
         return _single_loader(trainer.val_dataloaders, "validation")
+
+
+def scheduled_epochs(start_epoch: int, every_n_epochs: int | None, up_to: int) -> list[int]:
+    """The epochs (0-based) ≤ ``up_to`` after whose validation a round is scheduled.
+
+    Every ``every_n_epochs`` from ``start_epoch``; with None, gaps that double: after (start_epoch + 1) · 2^k
+    completed epochs, so a long fit pays for about log₂(epochs) rounds and a short one still gets some.
+    """
+    if every_n_epochs is not None:
+        return list(range(start_epoch, up_to + 1, every_n_epochs))
+    epochs, completed = [], start_epoch + 1
+    while completed - 1 <= up_to:
+        epochs.append(completed - 1)
+        completed *= 2
+    return epochs
 
 
 def _single_loader(loaders: Any, role: str) -> DataLoader:
@@ -432,12 +461,17 @@ def check_cross_entropy(model: torch.nn.Module, batch: Any, training_loss: float
     """Warns when the user's training loss on ``batch`` is far from the mean cross-entropy of the model's logits.
 
     Scores and treatments assume the model is trained with cross-entropy on its logits; label smoothing, an MSE
-    loss or large added terms break that assumption. Dropout makes the two differ a little, hence the tolerance;
+    loss or large added terms break that assumption. The extra forward pass leaves the module as it was: its
+    buffers (BatchNorm statistics) are restored and its random draws (dropout) come from a forked RNG. Dropout makes the two differ a little, hence the tolerance;
     an untrained model's near-uniform outputs hide label smoothing, hence a check at every epoch's start.
     Returns False when it warned.
     """
     labels = adapter.labels(batch).to(model.device)
-    logits = adapter.logits(model, adapter.inputs(batch))
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    with _user_rng_kept(model):  # a train-mode forward pass draws dropout masks and updates BatchNorm statistics
+        logits = adapter.logits(model, adapter.inputs(batch))
+    for buffer, before in buffers:
+        buffer.copy_(before)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not ((0 <= labels) & (labels < logits.shape[1])).all():
         return True  # not class logits: the round's own checks explain what is wrong
     cross_entropy = F.cross_entropy(logits, labels).item()
@@ -449,6 +483,13 @@ def check_cross_entropy(model: torch.nn.Module, batch: Any, training_loss: float
         "trained with plain cross-entropy on its logits; with another loss (label smoothing, MSE, large regularisers) "
         "the causes it finds and the repairs it makes follow cross-entropy, not your objective.")
     return False
+
+
+def _user_rng_kept(module: torch.nn.Module):
+    """Forks the global CPU RNG and, for a module on a GPU, that GPU's: draws inside leave the user's streams as
+    they were."""
+    device = next(module.parameters(), torch.empty(0)).device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _accuracies(failures: FailureSet, predictions: Tensor, labels: Tensor, when: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from helpers import BlobsDataModule, TinyClassifier, write_fake_fashion_mnist
 from lightning_repair import RepairCallback
+from lightning_repair.callback import scheduled_epochs
 from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, RandomScores,
                                        TrainingLoss)
 from lightning_repair.treat import EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval
@@ -41,7 +42,7 @@ def fit(tmp_path, repair: RepairCallback, max_epochs: int = 4, ckpt_path=None, d
 
 
 def test_removed_examples_are_never_served_after_their_round(tmp_path):
-    repair = RepairCallback(top_k=12, start_epoch=1, fisher_samples=64, rollback=False)
+    repair = RepairCallback(top_k=12, start_epoch=1, every_n_epochs=1, fisher_samples=64, rollback=False)
     _, served, data = fit(tmp_path, repair, max_epochs=5)
 
     assert [r["epoch"] for r in repair.rounds] == [1, 2, 3, 4]
@@ -91,9 +92,33 @@ def test_round_records_and_logged_metrics(tmp_path):
     assert sum(row["removed"] == "1" for row in rows) == 10
 
 
+@pytest.mark.parametrize("start, every, up_to, expected", [
+    (1, None, 149, [1, 3, 7, 15, 31, 63, 127]),  # the default: gaps double, 7 rounds in 150 epochs
+    (1, None, 4, [1, 3]),
+    (0, None, 9, [0, 1, 3, 7]),
+    (2, None, 20, [2, 5, 11]),
+    (0, 3, 9, [0, 3, 6, 9]),
+    (5, 1, 3, []),
+])
+def test_scheduled_epochs(start, every, up_to, expected):
+    assert scheduled_epochs(start, every, up_to) == expected
+
+
+def test_default_schedule_doubles_the_gaps_in_a_fit(tmp_path):
+    repair = RepairCallback(top_k=5, start_epoch=0, fisher_samples=32, rollback=False)
+    fit(tmp_path, repair, max_epochs=5)
+    assert [r["epoch"] for r in repair.rounds] == [0, 1, 3]
+
+
+def test_a_round_without_validation_waits_for_the_next_validation(tmp_path):
+    repair = RepairCallback(top_k=5, start_epoch=0, every_n_epochs=1, fisher_samples=32, rollback=False)
+    fit(tmp_path, repair, max_epochs=4, check_val_every_n_epoch=2)
+    assert [r["epoch"] for r in repair.rounds] == [1, 3]
+
+
 @pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
 def test_state_survives_checkpoint_and_resume(tmp_path, stop):
-    repair = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64, rollback=False)
+    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, fisher_samples=64, rollback=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
                                  every_n_train_steps=5 if stop == "mid_epoch" else None)
     limits = {"max_epochs": 2} if stop == "epoch_end" else {"max_epochs": 3, "max_steps": 25}  # 10 steps an epoch
@@ -109,7 +134,7 @@ def test_state_survives_checkpoint_and_resume(tmp_path, stop):
         def on_train_start(self, trainer, pl_module):
             self.removed, self.rounds = list(resumed.removed_indices), [dict(r) for r in resumed.rounds]
 
-    resumed = RepairCallback(top_k=10, start_epoch=0, fisher_samples=64, rollback=False)
+    resumed = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, fisher_samples=64, rollback=False)
     check, served = CheckOnStart(), ServedIndices()
     trainer = pl.Trainer(max_epochs=4, callbacks=[resumed, check, served, ModelCheckpoint(dirpath=tmp_path)],
                          accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -224,3 +249,43 @@ def test_report_writes_figures_a_page_and_a_logged_image(tmp_path):
     events = EventAccumulator(str(trainer.log_dir))
     events.Reload()
     assert "repair/suspects" in events.Tags()["images"]
+
+
+def test_what_chooses_a_repair_never_reads_the_held_out_failures_or_r(tmp_path):
+    # The scorer and the treatment (BestOf, which picks among treatments) may read F_q and R_q only: F_h and R
+    # decide the rollback, and any method that read them would bias that decision.
+    from lightning_repair.failures import split_failures
+    from lightning_repair.treat import BestOf
+
+    data = BlobsDataModule()
+    validation = data.val_dataset
+    reads: dict[str, set[int]] = {}
+
+    def recording(method, name):
+        def wrapped(inputs):
+            start = len(validation.served)
+            try:
+                return method(inputs)
+            finally:
+                reads[name] = set(validation.served[start:])
+        return wrapped
+
+    scorer, treatment = KNNShapley(utility="trusted"), BestOf([EWCUnlearning(max_steps=10), Finetune(steps=10)])
+    scorer.score, treatment.treat = recording(scorer.score, "scorer"), recording(treatment.treat, "treatment")
+    seen = {}
+
+    class Predictions(Callback):  # θ̂'s predictions on V, as the round splits them
+        def on_validation_end(self, trainer, pl_module):
+            with torch.no_grad():
+                seen["predictions"] = pl_module(validation.x).argmax(1)
+
+    repair = RepairCallback(scorer=scorer, treatment=treatment, start_epoch=0, fisher_samples=32, top_k=10)
+    pl.Trainer(max_epochs=1, callbacks=[Predictions(), repair], accelerator="cpu", logger=False,
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(
+        TinyClassifier(), data)
+    failures = split_failures(seen["predictions"], validation.y, 0.5, 2000, seed=repair.seed + 1)
+    measured_only = set(failures.holdout.tolist()) | set(failures.remaining.tolist())
+    assert len(failures.holdout) > 0 and len(failures.remaining) > 0
+    assert reads["scorer"] and reads["treatment"]
+    assert not reads["scorer"] & measured_only and not reads["treatment"] & measured_only
+    assert reads["treatment"] <= set(failures.query.tolist()) | set(failures.guard.tolist())

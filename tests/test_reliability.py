@@ -372,3 +372,32 @@ def test_gradient_accumulation_is_not_mistaken_for_another_loss(recwarn):
                          accumulate_grad_batches=4)
     trainer.fit(TinyClassifier(), BlobsDataModule())
     assert not [w for w in recwarn if "differs from the cross-entropy" in str(w.message)]
+
+
+class NormDropClassifier(TinyClassifier):
+    """BatchNorm and Dropout: a forward pass in train mode changes buffers and draws random numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def _final_state(callbacks: list[Callback], max_epochs: int = 3) -> dict:
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    torch.manual_seed(0)
+    model = NormDropClassifier()
+    trainer.fit(model, BlobsDataModule())
+    return copy.deepcopy(model.state_dict())
+
+
+@pytest.mark.parametrize("repair", [
+    RepairCallback(start_epoch=50),  # idle: only its per-epoch loss check runs
+    RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0, every_n_epochs=1),
+], ids=["idle", "rolled_back"])
+def test_a_fit_whose_rounds_change_nothing_ends_exactly_as_a_plain_fit(repair):
+    # Parameters, BatchNorm statistics and the RNG streams (dropout masks, batch order) all stay the user's own.
+    plain = _final_state([])
+    repaired = _final_state([repair])
+    assert all(not r["accepted"] for r in repair.rounds)
+    assert same_state(plain, repaired)

@@ -40,7 +40,7 @@ class Record(Callback):
 
 
 torch.manual_seed(0)
-repair = RepairCallback(scorer=CountingScorer(max_steps=10), top_k=12, start_epoch=0, fisher_samples=64,
+repair = RepairCallback(scorer=CountingScorer(max_steps=10), top_k=12, start_epoch=0, every_n_epochs=1, fisher_samples=64,
                         rollback=False)
 record = Record()
 trainer = pl.Trainer(max_epochs=3, strategy="ddp", accelerator="cpu", devices=2, callbacks=[repair, record],

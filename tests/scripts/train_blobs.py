@@ -61,7 +61,8 @@ class Record(Callback):
         self.served.setdefault(trainer.current_epoch, []).extend(batch[2].tolist())
 
 
-repair = RepairCallback(scorer=KillingScorer(), top_k=10, start_epoch=0, fisher_samples=32, rollback=False)
+repair = RepairCallback(scorer=KillingScorer(), top_k=10, start_epoch=0, every_n_epochs=1, fisher_samples=32,
+                        rollback=False)
 record = Record()
 callbacks = [repair, record, ModelCheckpoint(dirpath=args.root, save_last=True, save_top_k=0, every_n_train_steps=3)]
 if args.kill_at_step:
