@@ -1,0 +1,69 @@
+"""Several treatments from the same θ̂, and the one rule keeps the best candidate among all of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lightning_repair.acceptance import Choice, choose
+from lightning_repair.params import detached, trainable
+from lightning_repair.treat.base import Treatment, TreatmentInputs
+
+
+class BestOf(Treatment):
+    """Runs each treatment from θ̂ and keeps the candidate the acceptance rule rates best across all of them.
+
+    Each treatment chooses among its own candidates as it would alone (with its own patience); the winner is the
+    treatment whose choice has the largest gain beyond noise (gain − margin · SE) on F_q ∪ R_q, and θ̂ when none
+    is accepted. It costs the sum of its treatments. Which one won is the round's ``candidate``,
+    ``"<Treatment>:<its candidate>"``.
+
+    Args:
+        treatments: the treatments to try, in order (ties keep the earlier one); default EWC deletion, Newton
+            removal and fine-tuning on D \\\\ C.
+    """
+
+    def __init__(self, treatments: Sequence[Treatment] | None = None) -> None:
+        if treatments is None:
+            from lightning_repair.treat.ewc_unlearning import EWCUnlearning
+            from lightning_repair.treat.finetune import Finetune
+            from lightning_repair.treat.newton import NewtonRemoval
+
+            treatments = [EWCUnlearning(), NewtonRemoval(), Finetune()]
+        if not treatments or not all(isinstance(t, Treatment) for t in treatments):
+            raise ValueError(f"BestOf needs a non-empty list of treatments, got {treatments!r}.")
+        self.treatments = list(treatments)
+
+    @property
+    def needs_fisher(self) -> bool:  # type: ignore[override]
+        return any(t.needs_fisher for t in self.treatments)
+
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[str]:
+        """Every treatment's candidates in turn, each treatment starting from θ̂."""
+        parameters = trainable(inputs.model)
+        start = detached(parameters)
+        for treatment in self.treatments:
+            _place(parameters, start)
+            for label in treatment.candidates(inputs):
+                yield f"{type(treatment).__name__}:{label}"
+
+    def treat(self, inputs: TreatmentInputs) -> Choice:
+        parameters = trainable(inputs.model)
+        start = detached(parameters)
+        best, best_parameters, rated = Choice(None, 0.0, 0), start, 0
+        for treatment in self.treatments:
+            _place(parameters, start)
+            choice = choose(inputs.model, treatment.candidates(inputs), inputs.judge, treatment.patience)
+            rated += choice.rated
+            if choice.label is not None and choice.value > best.value:
+                best = Choice(f"{type(treatment).__name__}:{choice.label}", choice.value, 0)
+                best_parameters = detached(parameters)
+        _place(parameters, best_parameters)
+        return Choice(best.label, best.value, rated)
+
+
+@torch.no_grad()
+def _place(parameters: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    for parameter, value in zip(parameters, values):
+        parameter.copy_(value)
