@@ -1,0 +1,135 @@
+"""Tables and plots of the end-to-end benchmark (``benchmarks.fit``): ``fit.json``, ``fit.md``, ``fit_*.png``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import metrics
+from benchmarks.report import _pyplot, _table, cell, points, stats, write_json
+
+REFERENCE_RUNS = ("plain", "oracle")
+
+
+def group(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[int, dict[str, Any]]]]:
+    """records → {(protocol, regime): {run: {seed: record}}}."""
+    grouped: dict[tuple[str, str], dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for record in records:
+        setting = record["setting"]
+        grouped[setting["protocol"], setting["regime"]][record["run"]][setting["seed"]] = record
+    return grouped
+
+
+def summarize_setting(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per run: test accuracy, its paired change from plain, gap closed, precision, recall, cost, memory."""
+    plain, oracle = runs.get("plain", {}), runs.get("oracle", {})
+    summary = {}
+    for run, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        paired = [s for s in seeds if s in plain]
+        summary[run] = {
+            "seeds": seeds,
+            "test": stats(by_seed[s]["test"] for s in seeds),
+            "change_from_plain": stats(by_seed[s]["test"] - plain[s]["test"] for s in paired),
+            "gap_closed": stats(metrics.gap_closed(by_seed[s]["test"], plain[s]["test"], oracle[s]["test"])
+                                for s in paired if s in oracle),
+            "precision": stats(by_seed[s].get("precision") for s in seeds),
+            "recall": stats(by_seed[s].get("recall") for s in seeds),
+            "removed": stats(by_seed[s].get("removed") for s in seeds),
+            "time_over_plain": stats(by_seed[s]["seconds"] / plain[s]["seconds"] for s in paired),
+            "peak_memory_mb": stats(by_seed[s]["peak_memory_mb"] for s in seeds),
+            "better_than_plain": sum(by_seed[s]["test"] > plain[s]["test"] for s in paired),
+            "paired": len(paired),
+        }
+    return summary
+
+
+def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
+    """``fit.json`` (every run and the summaries), ``fit.md`` and one validation-curve plot per setting."""
+    from benchmarks.fit import LABELS, RUNS
+
+    out.mkdir(parents=True, exist_ok=True)
+    grouped = group(records)
+    summaries = {f"{p}_{r}": summarize_setting(runs) for (p, r), runs in sorted(grouped.items())}
+    write_json(out / "fit.json", {"summaries": summaries, "runs": list(records)})
+    sections = ["# End to end: a fit with RepairCallback against the same fit without it",
+                "Made by `python -m benchmarks.fit` (see `benchmarks/fit.py` and `../shared/METHODS.md`, "
+                "*End-to-end protocol*). Every run is `Trainer.fit` of the paper CNN from the same initial weights; "
+                "test accuracy is read once, at the end. *Change* is paired: the run's test accuracy minus plain "
+                "training's, same seed. *Gap closed* = (run − plain) / (oracle − plain). Precision and recall are "
+                "of everything the run removed (the callback: accepted rounds; cleanlab: its label issues; "
+                "small-loss: what its last epoch dropped) against the recorded flips. *Time* is wall time ÷ the "
+                "plain fit's, same seed: it compares like with like only when both ran under the same load (the "
+                "same `--jobs`, side by side); each run's machine is in `fit.json`. *Peak MB*: the GPU's peak "
+                "allocation on CUDA, the process's peak resident memory on the CPU."]
+    for (protocol, regime), runs in sorted(grouped.items()):
+        summary = summaries[f"{protocol}_{regime}"]
+        order = [run for run in RUNS if run in summary]
+        rows = []
+        for run in order:
+            figures = summary[run]
+            rows.append([LABELS[run], cell(figures["test"]), points(figures["change_from_plain"])
+                         if run != "plain" else "—",
+                         f"{figures['better_than_plain']} of {figures['paired']}" if run != "plain" else "—",
+                         cell(figures["gap_closed"], 2) if run not in REFERENCE_RUNS else "—",
+                         cell(figures["precision"], 2), cell(figures["recall"], 2), cell(figures["removed"], 0),
+                         cell(figures["time_over_plain"], 2), cell(figures["peak_memory_mb"], 0)])
+        seeds = sorted({s for run in runs.values() for s in run})
+        sections += [f"## `{protocol}`, `{regime}` (seeds {', '.join(map(str, seeds))})",
+                     _table(["run", "test accuracy", "change", "beats plain", "gap closed", "precision", "recall",
+                             "removed", "time ÷ plain", "peak MB"], rows),
+                     f"![validation accuracy per epoch](fit_{protocol}_{regime}.png)"]
+        rounds = _rounds_section(runs)
+        if rounds:
+            sections.append(rounds)
+        plot_curves(out / f"fit_{protocol}_{regime}.png", runs, f"{protocol}, {regime}")
+    (out / "fit.md").write_text("\n\n".join(sections) + "\n")
+
+
+def _rounds_section(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """What the callback's rounds did, per run and seed: kept, rolled back, removed, precision."""
+    from benchmarks.fit import LABELS
+
+    rows = []
+    for run, by_seed in runs.items():
+        for seed, record in sorted(by_seed.items()):
+            rounds = record.get("rounds")
+            if not rounds:
+                continue
+            kept = [r for r in rounds if r.get("accepted")]
+            rows.append([LABELS[run], str(seed), str(len(rounds)), str(len(kept)),
+                         ", ".join(str(r["epoch"]) for r in kept) or "—",
+                         str(sum(r.get("removed") or 0 for r in rounds)),
+                         f"{record['precision']:.2f}" if record.get("precision") is not None else "—"])
+    if not rows:
+        return ""
+    return "Rounds of the callback:\n\n" + _table(["run", "seed", "rounds", "kept", "kept after epochs", "removed",
+                                                   "precision"], rows)
+
+
+def plot_curves(path: Path, runs: dict[str, dict[int, dict[str, Any]]], title: str) -> None:
+    """Validation accuracy per epoch, mean over seeds, one line per run."""
+    from benchmarks.fit import LABELS, RUNS
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for run in [r for r in RUNS if r in runs]:
+        curves = [record["validation_accuracy"] for record in runs[run].values() if record["validation_accuracy"]]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        mean = np.mean([c[:length] for c in curves], axis=0)
+        style = {"plain": dict(color="black", linewidth=2), "oracle": dict(color="grey", linestyle="--")}.get(run, {})
+        axis.plot(np.arange(1, length + 1), mean, label=LABELS[run], **style)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation accuracy")
+    axis.set_title(f"{title} (mean over seeds; measured before each repair round)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,97 @@
+"""The end-to-end benchmark's own parts: the small-loss schedule and the paired summaries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.fit import small_loss_keep
+from benchmarks.fit_report import summarize_setting
+
+
+@pytest.mark.parametrize("epoch, kept", [(0, 96), (4, 80), (9, 60), (30, 60)])
+def test_small_loss_drops_a_growing_share_of_the_highest_losses(epoch, kept):
+    losses = torch.arange(100, dtype=torch.float).flip(0)  # example i has loss 99 - i
+    keep = small_loss_keep(losses, forget_rate=0.4, epoch=epoch, warmup_epochs=10)
+    assert len(keep) == kept
+    assert set(keep.tolist()) == set(range(100 - kept, 100))  # the smallest losses
+
+
+def test_small_loss_keeps_at_least_one_example():
+    assert len(small_loss_keep(torch.ones(2), forget_rate=1.0, epoch=20)) == 1
+
+
+def _record(run: str, seed: int, test: float, seconds: float, **extra) -> dict:
+    return {"setting": {"protocol": "pairs", "regime": "3k-mem", "seed": seed}, "run": run, "test": test,
+            "seconds": seconds, "peak_memory_mb": 100.0, "validation_accuracy": [0.5, 0.6], **extra}
+
+
+def test_summaries_pair_each_run_with_plain_training_of_the_same_seed():
+    runs = {"plain": {0: _record("plain", 0, 0.70, 10.0), 1: _record("plain", 1, 0.80, 20.0)},
+            "oracle": {0: _record("oracle", 0, 0.90, 10.0), 1: _record("oracle", 1, 0.90, 20.0)},
+            "repair": {0: _record("repair", 0, 0.80, 15.0, precision=0.5, recall=0.25),
+                       1: _record("repair", 1, 0.79, 20.0, precision=1.0, recall=0.75)}}
+    summary = summarize_setting(runs)["repair"]
+    assert summary["change_from_plain"]["mean"] == pytest.approx((0.10 - 0.01) / 2)
+    assert summary["gap_closed"]["mean"] == pytest.approx((0.5 - 0.1) / 2)
+    assert summary["time_over_plain"]["mean"] == pytest.approx((1.5 + 1.0) / 2)
+    assert summary["better_than_plain"] == 1 and summary["paired"] == 2
+    assert summary["precision"]["mean"] == pytest.approx(0.75)
+    assert math.isnan(summarize_setting(runs)["plain"]["precision"]["mean"])
+
+
+@pytest.fixture
+def tiny_regime(tmp_path, monkeypatch):
+    from helpers import write_fake_fashion_mnist
+
+    from benchmarks import fit
+
+    write_fake_fashion_mnist(tmp_path, train=500, test=60)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    monkeypatch.setattr(fit, "REGIMES", {"tiny": fit.FitRegime("tiny", 240, 2)})
+    monkeypatch.setattr(fit, "VAL_SIZE", 200)
+    return fit
+
+
+@pytest.mark.parametrize("run", ["plain", "oracle", "repair", "cleanlab", "small_loss"])
+def test_each_run_is_one_fit_with_its_figures(tiny_regime, run):
+    record = tiny_regime.run_one(tiny_regime.Setting("pairs", "tiny", 0, 2), run, threads=1)
+    assert 0.0 <= record["test"] <= 1.0
+    assert len(record["validation_accuracy"]) == 2 and record["seconds"] > 0 and record["peak_memory_mb"] > 0
+    assert record["n_train"] == 240 and record["n_flipped"] > 0
+    if run in ("plain", "oracle"):
+        assert "removed" not in record
+    else:
+        assert record["removed"] >= 0 and ("precision" in record and "recall" in record)
+    if run == "small_loss":
+        assert record["removed"] > 0 and 0 < record["forget_rate"] < 1
+    if run == "repair":
+        assert [r["epoch"] for r in record["rounds"]] == [1]  # the default schedule: after 2 epochs
+
+
+def test_plain_runs_of_a_setting_start_from_the_same_weights(tiny_regime):
+    setting = tiny_regime.Setting("pairs", "tiny", 0, 2)
+    first, second = (tiny_regime.run_one(setting, "plain", threads=1) for _ in range(2))
+    assert first["validation_accuracy"] == second["validation_accuracy"] and first["test"] == second["test"]
+
+
+def test_quick_mode_runs_end_to_end_and_reports(tmp_path, monkeypatch):
+    # `--quick` as a user runs it (pairs, 3k-mem, seed 0: plain and the defaults), each run in its own process, on a
+    # fake Fashion-MNIST and 2 epochs instead of 150.
+    from helpers import write_fake_fashion_mnist
+
+    from benchmarks import fit
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_fake_fashion_mnist(data, train=13_100, test=100)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(data))
+    fit.main(["--quick", "--epochs", "3k-mem=2", "--out", str(tmp_path / "results"), "--cache", str(tmp_path / "c")])
+    report = (tmp_path / "results" / "fit.md").read_text()
+    assert "`pairs`, `3k-mem` (seeds 0)" in report
+    assert "| plain training |" in report and "| RepairCallback() defaults |" in report
+    assert (tmp_path / "results" / "fit_pairs_3k-mem.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "pairs_3k-mem_epochs2_seed0_plain.json", "pairs_3k-mem_epochs2_seed0_repair.json"]
