@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lightning_repair.acceptance import DEFAULT_MARGIN, Judge, Verdict, compare
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import FISHER_KINDS, FisherKind, diagonal_fisher
+from lightning_repair.curvature import BACKENDS, FISHER_KINDS, FisherKind, choose_backend, diagonal_fisher
 from lightning_repair.distributed import broadcast_parameters, gather_sharded, sum_across_ranks
 from lightning_repair.examples import Examples
 from lightning_repair.exclusion import exclude_from
@@ -59,6 +59,10 @@ class RepairCallback(Callback):
             (KNN-Shapley: value < 0) or ``top_fraction=0.01``.
         fisher: diagonal Fisher kind: ``"mc"`` (sampled labels, default), ``"exact"`` or ``"empirical"``.
         fisher_samples: training examples the Fisher averages over.
+        curvature: how per-example gradients and the Fisher are computed: ``"auto"`` (default) tries BackPACK on
+            one batch in the first round and falls back to ``torch.func`` where BackPACK cannot follow the model
+            (residual additions, functional calls, ``x.view``, attention), logging which and why;
+            ``"backpack"`` or ``"torch_func"`` force one.
         query_fraction: share of the failures in F_q; the rest, F_h, is only measured.
         max_failures: keep at most this many failures per round (a seeded random subset).
         stop_fraction: share of F_q held back to early-stop the fit to the failures (EWC influence).
@@ -99,6 +103,7 @@ class RepairCallback(Callback):
         threshold: float | None = None,
         fisher: FisherKind = "mc",
         fisher_samples: int = 1000,
+        curvature: Literal["auto", "backpack", "torch_func"] = "auto",
         query_fraction: float = 0.5,
         max_failures: int | None = 2000,
         stop_fraction: float = 0.1,
@@ -118,6 +123,8 @@ class RepairCallback(Callback):
             raise ValueError(f"every_n_epochs must be ≥ 1 and start_epoch ≥ 0, got {every_n_epochs}, {start_epoch}.")
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}.")
+        if curvature not in ("auto", *BACKENDS):
+            raise ValueError(f"curvature must be 'auto' or one of {BACKENDS}, got {curvature!r}.")
         if fisher_samples < 1 or (max_failures is not None and max_failures < 1):
             raise ValueError("fisher_samples and max_failures must be ≥ 1.")
         if not 0.0 <= stop_fraction < 1.0:
@@ -128,7 +135,8 @@ class RepairCallback(Callback):
         self.treatment = treatment or EWCUnlearning()
         self.every_n_epochs, self.start_epoch = every_n_epochs, start_epoch
         self.selection = self._selection(top_k, top_fraction, threshold)
-        self.fisher, self.fisher_samples = fisher, fisher_samples
+        self.fisher, self.fisher_samples, self.curvature = fisher, fisher_samples, curvature
+        self._backend: str | None = None if curvature == "auto" else curvature
         self.query_fraction, self.max_failures, self.stop_fraction = query_fraction, max_failures, stop_fraction
         self.params, self.batch_size = params, batch_size
         self.adapter = adapter or BatchAdapter()
@@ -246,7 +254,7 @@ class RepairCallback(Callback):
             except FloatingPointError as error:
                 rank_zero_warn(f"RepairCallback: skipping this round: {error}")
                 return _skipped(record, "non-finite Fisher", len(self._removed), clock)
-        record["seconds_fisher"] = clock.lap()
+        record.update(seconds_fisher=clock.lap(), curvature=self._backend)
 
         fit_part, stop_part = hold_back(failures.query, self.stop_fraction, seed)
         query_loader = validation.subset(fit_part).loader()
@@ -338,9 +346,14 @@ class RepairCallback(Callback):
         share = math.ceil(len(sample) / trainer.world_size)
         mine = sample[trainer.global_rank * share:(trainer.global_rank + 1) * share]
         devices = [model_device] if (model_device := next(model.parameters()).device).type == "cuda" else []
+        loader = train.subset(mine).loader()
+        if self._backend is None:  # chosen once per fit, on the first round's model
+            self._backend, reason = choose_backend(model, loader, self.fisher, self.adapter)
+            rank_zero_info(f"RepairCallback: per-example gradients and the Fisher by {self._backend}"
+                           + (f" (BackPACK cannot follow this model: {reason})." if reason else "."))
         with torch.random.fork_rng(devices=devices):  # MC labels are sampled without touching the user's RNG
             torch.manual_seed(seed + trainer.global_rank)
-            fisher = diagonal_fisher(model, train.subset(mine).loader(), self.fisher, self.adapter)
+            fisher = diagonal_fisher(model, loader, self.fisher, self.adapter, backend=self._backend)
         # Per-example means of equal-sized shares (the last may be smaller): weight each by its size.
         weighted = sum_across_ranks(trainer.strategy, [f * len(mine) for f in fisher])
         return [f / len(sample) for f in weighted]

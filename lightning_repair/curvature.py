@@ -1,8 +1,21 @@
-"""Per-example gradients and the diagonal Fisher, from BackPACK.
+"""Per-example gradients and the diagonal Fisher, from BackPACK or, where BackPACK cannot follow the model,
+from ``torch.func``.
 
 The only module that imports BackPACK: the rest of the library asks for gradients and curvature and does not
-care how they were obtained. Losses use ``reduction="sum"`` so that BackPACK's per-example quantities are
-those of ℓ(z) itself, without a 1/B factor.
+care how they were obtained. Losses use ``reduction="sum"`` so that the per-example quantities are those of
+ℓ(z) itself, without a 1/B factor.
+
+Two backends compute the same estimators:
+
+- ``"backpack"``: BackPACK's extensions (``BatchGrad``, ``DiagGGNMC``, ``DiagGGNExact``, ``SumGradSquared``) on
+  the model as it is. Fast, but its second-order extensions need every operation between parameters to be a
+  module it knows: residual additions, functional calls (``F.relu``), ``x.view`` and attention stop it.
+- ``"torch_func"``: per-example gradients by ``torch.func`` (``vmap`` over ``grad``), for any model autograd
+  can differentiate. The MC Fisher squares the gradients at labels sampled from the model, which is what
+  ``DiagGGNMC`` estimates; the exact Fisher sums them over every class, weighted by the model's probabilities,
+  so it costs one per-example gradient per class.
+
+:func:`choose_backend` tries BackPACK on one batch and falls back to ``torch.func`` when it fails.
 """
 
 from __future__ import annotations
@@ -24,6 +37,9 @@ from lightning_repair.params import trainable
 
 FisherKind = Literal["mc", "exact", "empirical"]
 FISHER_KINDS = ("mc", "exact", "empirical")
+Backend = Literal["backpack", "torch_func"]
+BACKENDS = ("backpack", "torch_func")
+GRADIENT_FLOATS = 2**25  # torch.func: per-example gradients held at once, in floats (128 MiB in float32)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -133,20 +149,27 @@ def _backward_with(extension: Any, loss: Tensor, model: nn.Module) -> None:
         ) from error
 
 
-def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor,
-                          adapter: BatchAdapter | None = None) -> tuple[list[Tensor], Tensor]:
-    """∇_θ ℓ(z_i) for each example of one batch, for the model's trainable parameters (BackPACK ``BatchGrad``).
+def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor, adapter: BatchAdapter | None = None,
+                          backend: Backend = "backpack") -> tuple[list[Tensor], Tensor]:
+    """∇_θ ℓ(z_i) for each example of one batch, for the model's trainable parameters.
 
     Args:
         model: the classifier.
         inputs: a batch of inputs on the model's device.
         labels: their class labels.
         adapter: how to get logits; the default calls ``model(inputs)``.
+        backend: ``"backpack"`` (``BatchGrad``) or ``"torch_func"`` (``vmap`` over ``grad``).
 
     Returns:
         One ``(batch, *parameter.shape)`` tensor per trainable parameter, and the per-example losses.
     """
     adapter = adapter or BatchAdapter()
+    _check_backend(backend)
+    if backend == "torch_func":
+        with torch.no_grad():
+            logits = checked_logits(model, inputs, labels, adapter)
+        grads = [torch.cat(parts) for parts in zip(*_func_gradient_chunks(model, inputs, labels, adapter))]
+        return grads, F.cross_entropy(logits, labels, reduction="none")
     loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
     parameters = trainable(model)
     with torch.enable_grad(), backpack_ready(model) as hooks:
@@ -161,7 +184,8 @@ def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor,
 
 
 def diagonal_fisher(model: nn.Module, loader: DataLoader, kind: FisherKind = "mc",
-                    adapter: BatchAdapter | None = None, mc_samples: int = 1) -> list[Tensor]:
+                    adapter: BatchAdapter | None = None, mc_samples: int = 1,
+                    backend: Backend = "backpack") -> list[Tensor]:
     """The diagonal Fisher F̂, the per-example mean over ``loader``, one tensor per trainable parameter.
 
     Args:
@@ -172,10 +196,14 @@ def diagonal_fisher(model: nn.Module, loader: DataLoader, kind: FisherKind = "mc
             (∇ℓ(z))² at the given labels (``SumGradSquared``), the paper's choice.
         adapter: how to read batches and logits.
         mc_samples: samples of ŷ per example for ``kind="mc"``; seed the global RNG for repeatability.
+        backend: ``"backpack"`` or ``"torch_func"`` (see the module docstring); the same estimator either way.
     """
     if kind not in FISHER_KINDS:
         raise ValueError(f"Unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+    _check_backend(backend)
     adapter = adapter or BatchAdapter()
+    if backend == "torch_func":
+        return _checked_fisher(*_func_fisher_sum(model, loader, kind, adapter, mc_samples))
     extension, attribute = {
         "mc": (DiagGGNMC(mc_samples=mc_samples), "diag_ggn_mc"),
         "exact": (DiagGGNExact(), "diag_ggn_exact"),
@@ -195,6 +223,11 @@ def diagonal_fisher(model: nn.Module, loader: DataLoader, kind: FisherKind = "mc
                 setattr(p, attribute, None)
                 p.grad = None
             count += labels.shape[0]
+    return _checked_fisher(total, count)
+
+
+def _checked_fisher(total: list[Tensor], count: int) -> list[Tensor]:
+    """The per-example mean of a summed Fisher, refusing an empty or non-finite one."""
     if count == 0:
         raise ValueError("Cannot estimate the Fisher from an empty loader.")
     fisher = [t / count for t in total]
@@ -215,3 +248,137 @@ def loss_gradient(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | 
             for acc, g in zip(total, torch.autograd.grad(loss, parameters)):
                 acc += g
     return total
+
+
+# ---- torch.func: per-example gradients of any differentiable model ----------------------------------------
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown curvature backend {backend!r}; choose one of {BACKENDS}.")
+
+
+class AdapterLogits(nn.Module):
+    """``adapter``'s logits of ``model`` as one module call, for :func:`torch.func.functional_call`.
+
+    ``model`` is a registered submodule, so ``functional_call(wrapper, {"model.<name>": tensor}, ...)`` swaps the
+    model's parameters for the duration of the call, whatever the adapter does with the model (``model(x)``,
+    ``model.backbone(x)``, a custom method...). With ``checked``, the logits go through :func:`checked_logits`
+    (which branches on their values, so not under ``vmap``).
+    """
+
+    def __init__(self, model: nn.Module, adapter: BatchAdapter, checked: bool = False) -> None:
+        super().__init__()
+        self.model, self.adapter, self.checked = model, adapter, checked
+
+    def forward(self, inputs: Any, labels: Tensor | None = None) -> Tensor:
+        if self.checked:
+            return checked_logits(self.model, inputs, labels, self.adapter)
+        return self.adapter.logits(self.model, inputs)
+
+
+def _func_gradient_chunks(model: nn.Module, inputs: Any, labels: Tensor, adapter: BatchAdapter
+                          ) -> Iterator[list[Tensor]]:
+    """Per-example ∇ℓ(x_i, labels_i) over the trainable parameters, in chunks of examples that fit in memory."""
+    from torch.func import functional_call, grad, vmap
+    from torch.utils._pytree import tree_map
+
+    wrapper = AdapterLogits(model, adapter)
+    names = [f"model.{name}" for name, p in model.named_parameters() if p.requires_grad]
+    parameters = {name: p.detach() for name, p in zip(names, trainable(model))}
+    width = sum(p.numel() for p in parameters.values())
+    chunk = max(1, GRADIENT_FLOATS // max(width, 1))
+
+    def example_loss(values: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        logits = functional_call(wrapper, values, (tree_map(lambda t: t.unsqueeze(0), x),))
+        return F.cross_entropy(logits, y.unsqueeze(0), reduction="sum")
+
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    with torch.enable_grad():
+        for start in range(0, labels.shape[0], chunk):
+            part = tree_map(lambda t: t[start:start + chunk], inputs)
+            try:
+                grads = per_example(parameters, part, labels[start:start + chunk])
+            except RuntimeError as error:
+                raise ValueError(
+                    f"torch.func could not compute per-example gradients of this model ({error}). They need a "
+                    "forward pass that works one example at a time: no `.item()`, no Python branches on tensor "
+                    "values, no BatchNorm in train mode. Restrict the repair to layers without them, e.g. "
+                    "`RepairCallback(params=['head'])`.") from error
+            yield [grads[name].detach() for name in names]
+
+
+def _func_fisher_sum(model: nn.Module, loader: DataLoader, kind: FisherKind, adapter: BatchAdapter,
+                     mc_samples: int) -> tuple[list[Tensor], int]:
+    """Σ over the loader's examples of the per-example Fisher diagonal, and the number of examples.
+
+    Each example is repeated once per label it needs: the given one (empirical), ``mc_samples`` labels drawn
+    from the model, weighted 1/S (mc, DiagGGNMC's estimator), or every class weighted by its probability (exact,
+    Σ_y p(y | x) (∇ℓ(x, y))²).
+    """
+    from torch.utils._pytree import tree_map
+
+    total = [torch.zeros_like(p) for p in trainable(model)]
+    count = 0
+    for inputs, labels in batches(loader, model, adapter):
+        with torch.no_grad():
+            probabilities = F.softmax(checked_logits(model, inputs, labels, adapter), dim=1)
+        if kind == "empirical":
+            repeats, targets, weights = 1, labels, torch.ones_like(probabilities[:, 0])
+        elif kind == "mc":
+            repeats = mc_samples
+            targets = torch.multinomial(probabilities, mc_samples, replacement=True).flatten()
+            weights = probabilities.new_full(targets.shape, 1.0 / mc_samples)
+        else:
+            repeats = probabilities.shape[1]
+            targets = torch.arange(repeats, device=labels.device).repeat(labels.shape[0])
+            weights = probabilities.flatten()
+        expanded = tree_map(lambda t: t.repeat_interleave(repeats, dim=0), inputs) if repeats > 1 else inputs
+        start = 0
+        for grads in _func_gradient_chunks(model, expanded, targets, adapter):
+            w = weights[start:start + grads[0].shape[0]]
+            for acc, g in zip(total, grads):
+                acc += torch.einsum("n,n...->...", w, g**2)
+            start += grads[0].shape[0]
+        count += labels.shape[0]
+    return total, count
+
+
+def choose_backend(model: nn.Module, loader: DataLoader, kind: FisherKind, adapter: BatchAdapter | None = None
+                   ) -> tuple[Backend, str | None]:
+    """``"backpack"`` when BackPACK computes the ``kind`` Fisher on the loader's first batch, else ``"torch_func"``.
+
+    Returns the backend and, for the fallback, why BackPACK failed. The trial runs under a forked RNG and leaves
+    no BackPACK state on the model.
+    """
+    adapter = adapter or BatchAdapter()
+    first = next(iter(loader), None)
+    if first is None:
+        raise ValueError("Cannot choose a curvature backend from an empty loader.")
+    probe = DataLoader(_OneBatch(first), batch_size=None)
+    try:
+        with torch.random.fork_rng(devices=[d] if (d := model_device(model)).type == "cuda" else []):
+            diagonal_fisher(model, probe, kind, adapter, backend="backpack")
+    except FloatingPointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever stops BackPACK, torch.func is exact for any model
+        for p in model.parameters():
+            p.grad = None
+            for attribute in ("grad_batch", "diag_ggn_mc", "diag_ggn_exact", "sum_grad_squared"):
+                if hasattr(p, attribute):
+                    delattr(p, attribute)
+        return "torch_func", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    return "backpack", None
+
+
+class _OneBatch(torch.utils.data.Dataset):
+    """A dataset of exactly one (already collated) batch."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Any:
+        return self.batch

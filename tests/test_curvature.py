@@ -16,6 +16,12 @@ from lightning_repair.curvature import diagonal_fisher, loss_gradient, per_examp
 from lightning_repair.params import trainable
 
 
+@pytest.fixture(params=curvature.BACKENDS)
+def backend(request) -> str:
+    """Each backend computes the same quantities; every reference test runs on both."""
+    return request.param
+
+
 def prepared(kind: str, dtype: torch.dtype = torch.float64, freeze_first: bool = False) -> tuple[nn.Module, nn.Module]:
     """(model for the BackPACK functions, plain deep copy for autograd references) with identical weights.
 
@@ -87,10 +93,10 @@ def flat(tensors: list[Tensor]) -> Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("freeze_first", [False, True])
-def test_per_example_gradients_match_autograd_loop(model_kind, dtype, freeze_first):
+def test_per_example_gradients_match_autograd_loop(model_kind, dtype, freeze_first, backend):
     model, reference = prepared(model_kind, dtype, freeze_first)
     x, y = tiny_inputs(model_kind, 7, dtype)
-    grads, losses = per_example_gradients(model, x, y)
+    grads, losses = per_example_gradients(model, x, y, backend=backend)
 
     expected = autograd_per_example(reference, x, y)
     n_trainable = len(trainable(reference))
@@ -109,10 +115,10 @@ def test_per_example_gradients_match_autograd_loop(model_kind, dtype, freeze_fir
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_per_example_gradients_of_frozen_layer_are_not_returned():
+def test_per_example_gradients_of_frozen_layer_are_not_returned(backend):
     model, _ = prepared("mlp", freeze_first=True)
     x, y = tiny_inputs("mlp", 5)
-    grads, _ = per_example_gradients(model, x, y)
+    grads, _ = per_example_gradients(model, x, y, backend=backend)
     assert [tuple(g.shape[1:]) for g in grads] == [(3, 5), (3,)]
 
 
@@ -121,86 +127,86 @@ def test_per_example_gradients_of_frozen_layer_are_not_returned():
 
 
 @pytest.mark.parametrize("freeze_first", [False, True])
-def test_empirical_fisher_matches_definition(model_kind, freeze_first):
+def test_empirical_fisher_matches_definition(model_kind, freeze_first, backend):
     model, reference = prepared(model_kind, freeze_first=freeze_first)
     x, y = tiny_inputs(model_kind, 10)
-    fisher = diagonal_fisher(model, loader(x, y, 4), kind="empirical")
+    fisher = diagonal_fisher(model, loader(x, y, 4), kind="empirical", backend=backend)
     assert_lists_close(fisher, autograd_empirical_fisher(reference, x, y), rtol=1e-4, atol=1e-12)
 
 
 @pytest.mark.parametrize("freeze_first", [False, True])
-def test_exact_fisher_matches_definition(model_kind, freeze_first):
+def test_exact_fisher_matches_definition(model_kind, freeze_first, backend):
     model, reference = prepared(model_kind, freeze_first=freeze_first)
     x, y = tiny_inputs(model_kind, 10)
-    fisher = diagonal_fisher(model, loader(x, y, 4), kind="exact")
+    fisher = diagonal_fisher(model, loader(x, y, 4), kind="exact", backend=backend)
     expected = autograd_exact_fisher(reference, x)
     assert_lists_close(fisher, expected, rtol=1e-4, atol=1e-12)
     # The true Fisher is not the empirical Fisher (the test would otherwise not tell them apart).
     assert not torch.allclose(flat(expected), flat(autograd_empirical_fisher(reference, x, y)), rtol=1e-2)
 
 
-def test_exact_fisher_float32():
+def test_exact_fisher_float32(backend):
     model, reference = prepared("cnn", torch.float32)
     x, y = tiny_inputs("cnn", 8, torch.float32)
-    fisher = diagonal_fisher(model, loader(x, y, 3), kind="exact")
+    fisher = diagonal_fisher(model, loader(x, y, 3), kind="exact", backend=backend)
     assert_lists_close(fisher, autograd_exact_fisher(reference, x), rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["exact", "empirical"])
-def test_fisher_does_not_depend_on_batch_size(model_kind, kind):
+def test_fisher_does_not_depend_on_batch_size(model_kind, kind, backend):
     model, _ = prepared(model_kind)
     x, y = tiny_inputs(model_kind, 10)
-    fishers = [diagonal_fisher(model, loader(x, y, b), kind=kind) for b in (1, 3, 10)]
+    fishers = [diagonal_fisher(model, loader(x, y, b), kind=kind, backend=backend) for b in (1, 3, 10)]
     for other in fishers[1:]:
         assert_lists_close(other, fishers[0], rtol=1e-10, atol=1e-14)
 
 
-def test_mc_fisher_single_example_is_a_squared_gradient_at_a_label():
+def test_mc_fisher_single_example_is_a_squared_gradient_at_a_label(backend):
     """One example, one sample: F̂ = (∇ℓ(x, ŷ))² for the sampled label ŷ, one of the K candidates."""
     model, reference = prepared("mlp")
     x, y = tiny_inputs("mlp", 1)
     candidates = [flat([g**2 for g in example_gradient(reference, x[0], label)]) for label in range(3)]
     for seed in range(5):
         torch.manual_seed(seed)
-        fisher = flat(diagonal_fisher(model, loader(x, y, 1), kind="mc", mc_samples=1))
+        fisher = flat(diagonal_fisher(model, loader(x, y, 1), kind="mc", mc_samples=1, backend=backend))
         assert any(torch.allclose(fisher, c, rtol=1e-8, atol=1e-14) for c in candidates)
 
 
-def test_mc_fisher_is_reproducible_with_a_seed(model_kind):
+def test_mc_fisher_is_reproducible_with_a_seed(model_kind, backend):
     model, _ = prepared(model_kind)
     x, y = tiny_inputs(model_kind, 10)
     data = loader(x, y, 4)
     torch.manual_seed(123)
-    first = diagonal_fisher(model, data, kind="mc")
+    first = diagonal_fisher(model, data, kind="mc", backend=backend)
     torch.manual_seed(123)
-    second = diagonal_fisher(model, data, kind="mc")
+    second = diagonal_fisher(model, data, kind="mc", backend=backend)
     torch.manual_seed(124)
-    third = diagonal_fisher(model, data, kind="mc")
+    third = diagonal_fisher(model, data, kind="mc", backend=backend)
     assert_lists_close(second, first, rtol=0, atol=0)
     assert not torch.equal(flat(third), flat(first))
 
 
 @pytest.mark.parametrize("batch_size", [3, 10])
-def test_mc_fisher_converges_to_exact_fisher(model_kind, batch_size):
+def test_mc_fisher_converges_to_exact_fisher(model_kind, batch_size, backend):
     model, _ = prepared(model_kind)
     x, y = tiny_inputs(model_kind, 10)
-    exact = flat(diagonal_fisher(model, loader(x, y, batch_size), kind="exact"))
+    exact = flat(diagonal_fisher(model, loader(x, y, batch_size), kind="exact", backend=backend))
     torch.manual_seed(0)
-    mc = flat(diagonal_fisher(model, loader(x, y, batch_size), kind="mc", mc_samples=2000))
+    mc = flat(diagonal_fisher(model, loader(x, y, batch_size), kind="mc", mc_samples=2000, backend=backend))
     relative_error_of_total = abs(mc.sum() - exact.sum()) / exact.sum()
     correlation = torch.corrcoef(torch.stack([mc, exact]))[0, 1]
     assert relative_error_of_total < 0.05
     assert correlation > 0.95
 
 
-def test_repeated_single_sample_mc_fishers_average_to_exact_fisher():
+def test_repeated_single_sample_mc_fishers_average_to_exact_fisher(backend):
     """mc_samples=1 is a noisy but unbiased estimate: the mean of independent calls approaches the exact Fisher."""
     model, _ = prepared("mlp")
     x, y = tiny_inputs("mlp", 10)
     data = loader(x, y, 4)
-    exact = flat(diagonal_fisher(model, data, kind="exact"))
+    exact = flat(diagonal_fisher(model, data, kind="exact", backend=backend))
     torch.manual_seed(1)
-    estimates = torch.stack([flat(diagonal_fisher(model, data, kind="mc")) for _ in range(40)])
+    estimates = torch.stack([flat(diagonal_fisher(model, data, kind="mc", backend=backend)) for _ in range(40)])
     averaged = estimates.mean(0)
     assert abs(averaged.sum() - exact.sum()) / exact.sum() < 0.1
     assert torch.corrcoef(torch.stack([averaged, exact]))[0, 1] > 0.9
@@ -208,18 +214,18 @@ def test_repeated_single_sample_mc_fishers_average_to_exact_fisher():
     assert estimates.std(0).max() > 0
 
 
-def test_unknown_fisher_kind_raises():
+def test_unknown_fisher_kind_raises(backend):
     model, _ = prepared("mlp")
     x, y = tiny_inputs("mlp", 4)
     with pytest.raises(ValueError, match="Unknown Fisher kind"):
-        diagonal_fisher(model, loader(x, y, 2), kind="kfac")
+        diagonal_fisher(model, loader(x, y, 2), kind="kfac", backend=backend)
 
 
-def test_empty_loader_raises():
+def test_empty_loader_raises(backend):
     model, _ = prepared("mlp")
     x, y = tiny_inputs("mlp", 0)
     with pytest.raises(ValueError, match="empty"):
-        diagonal_fisher(model, loader(x, y, 2), kind="exact")
+        diagonal_fisher(model, loader(x, y, 2), kind="exact", backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,3 +241,33 @@ def test_loss_gradient_equals_autograd_of_summed_loss(model_kind, freeze_first):
     expected = list(torch.autograd.grad(loss, trainable(reference)))
     assert_lists_close(got, expected, rtol=1e-10, atol=1e-12)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_torch_func_mc_fisher_equals_backpacks_diag_ggn_mc_in_expectation(model_kind):
+    # Squared gradients at labels sampled from the model (torch.func) and BackPACK's DiagGGNMC estimate the same
+    # quantity: with many samples each, they agree.
+    model, _ = prepared(model_kind)
+    x, y = tiny_inputs(model_kind, 10)
+    torch.manual_seed(0)
+    by_func = flat(diagonal_fisher(model, loader(x, y, 5), kind="mc", mc_samples=2000, backend="torch_func"))
+    torch.manual_seed(1)
+    by_backpack = flat(diagonal_fisher(model, loader(x, y, 5), kind="mc", mc_samples=2000, backend="backpack"))
+    assert abs(by_func.sum() - by_backpack.sum()) / by_backpack.sum() < 0.05
+    assert torch.corrcoef(torch.stack([by_func, by_backpack]))[0, 1] > 0.95
+
+
+def test_choose_backend_keeps_backpack_where_it_works_and_says_why_it_falls_back():
+    model, _ = prepared("mlp")
+    x, y = tiny_inputs("mlp", 6)
+    assert curvature.choose_backend(model, loader(x, y, 3), "mc") == ("backpack", None)
+
+    class Reused(nn.Module):  # one module run twice per forward pass: BackPACK keeps one input per module
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(x.shape[1], x.shape[1]).double()
+
+        def forward(self, inputs):
+            return self.layer(torch.tanh(self.layer(inputs)))[:, :3]
+
+    backend, reason = curvature.choose_backend(Reused(), loader(x, y, 3), "mc")
+    assert backend == "torch_func" and "more than once" in reason

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import batches, checked_logits, loss_gradient, per_example_gradients
+from lightning_repair.curvature import (AdapterLogits, Backend, batches, checked_logits, loss_gradient,
+                                       per_example_gradients)
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
 
 ScoringMethod = Literal["jvp", "backpack"]
@@ -39,10 +40,22 @@ def natural_gradient(gradient: Sequence[Tensor], fisher: Sequence[Tensor] | None
 
 def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor],
                        adapter: BatchAdapter | None = None, progress: Progress = no_progress) -> Tensor:
-    """∇ℓ(z; θ̂)ᵀ ``direction`` for every example of ``loader``, from BackPACK per-example gradients."""
+    """∇ℓ(z; θ̂)ᵀ ``direction`` for every example of ``loader``, from per-example gradients (BackPACK, or
+    ``torch.func`` where BackPACK cannot follow the model)."""
     alignments = []
+    backend: Backend | None = None
     for inputs, labels in batches(progress(loader, "repair: scoring"), model, adapter or BatchAdapter()):
-        grads, _ = per_example_gradients(model, inputs, labels, adapter)
+        grads = None
+        if backend is None:  # BackPACK where it can follow the model, else torch.func: the same numbers
+            try:
+                grads, _ = per_example_gradients(model, inputs, labels, adapter, backend="backpack")
+                backend = "backpack"
+            except (RuntimeError, AssertionError, AttributeError, ValueError, NotImplementedError):
+                for p in model.parameters():
+                    p.grad = None
+                backend = "torch_func"
+        if grads is None:
+            grads, _ = per_example_gradients(model, inputs, labels, adapter, backend=backend)
         alignment = sum((g.flatten(1) * d.flatten()).sum(dim=1) for g, d in zip(grads, direction))
         alignments.append(alignment.detach().cpu())
     return torch.cat(alignments) if alignments else torch.empty(0)
@@ -50,23 +63,6 @@ def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence
 
 class ForwardADUnsupportedError(NotImplementedError):
     """The model uses an operation without a forward-mode derivative; score with ``method="backpack"``."""
-
-
-class _AdapterCall(nn.Module):
-    """``adapter``'s checked logits of ``model`` as one module call, for :func:`torch.func.functional_call`.
-
-    ``model`` is a registered submodule, so ``functional_call(wrapper, {"model.<name>": tensor}, ...)`` swaps the
-    model's parameters for the duration of the call, whatever the adapter does with the model (``model(x)``,
-    ``model.backbone(x)``, a custom method...).
-    """
-
-    def __init__(self, model: nn.Module, adapter: BatchAdapter) -> None:
-        super().__init__()
-        self.model = model
-        self.adapter = adapter
-
-    def forward(self, inputs: Any, labels: Tensor) -> Tensor:
-        return checked_logits(self.model, inputs, labels, self.adapter)
 
 
 def _is_forward_ad_gap(error: BaseException) -> bool:
@@ -108,7 +104,7 @@ def directional_derivatives(model: nn.Module, loader: DataLoader, direction: Seq
         raise ValueError(f"The direction has {len(direction)} tensors but the model has {len(named)} trainable "
                          "parameters.")
     tangents = [d.detach().to(device=p.device, dtype=p.dtype) for (_, p), d in zip(named, direction)]
-    call = _AdapterCall(model, adapter)
+    call = AdapterLogits(model, adapter, checked=True)
     derivatives = []
     with torch.no_grad(), forward_ad.dual_level():
         duals = {name: forward_ad.make_dual(p.detach(), t) for (name, p), t in zip(named, tangents)}

@@ -290,8 +290,15 @@ def _check_lissa(steps: int, scale: float | None, damping: float) -> None:
 
 def _hessian_vector_product(model: nn.Module, parameters: list[nn.Parameter], inputs: Any, labels: Tensor,
                             vector: list[Tensor], adapter: BatchAdapter) -> list[Tensor]:
-    """H v for one batch's mean cross-entropy by double backward; zero for parameters the gradient ignores."""
-    loss = F.cross_entropy(checked_logits(model, inputs, labels, adapter), labels)
+    """H v for one batch's mean cross-entropy by double backward; zero for parameters the gradient ignores.
+
+    Attention runs on PyTorch's math kernel here: the fused ones (flash, memory-efficient) have no second
+    derivative.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = F.cross_entropy(checked_logits(model, inputs, labels, adapter), labels)
     grads = torch.autograd.grad(loss, parameters, create_graph=True)
     curved = [i for i, g in enumerate(grads) if g.requires_grad]
     products = [torch.zeros_like(p) for p in parameters]
