@@ -1,0 +1,25 @@
+"""The README's main job runs and prints the comparison it promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import write_fake_fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_main_job_compares_plain_and_repaired_fits(tmp_path):
+    write_fake_fashion_mnist(tmp_path, train=10_300, test=100)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "fashion_mnist_repair.py"), "--epochs", "2", "--train-subset", "300"],
+        cwd=tmp_path, env={**os.environ, "FASHION_MNIST_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "Test accuracy, plain training:" in out and "Test accuracy, with RepairCallback():" in out
+    assert "points)" in out and ("Removed" in out)
+    assert "round  epoch  failures" in out  # the rounds table: one round, after the second epoch
