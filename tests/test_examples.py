@@ -23,3 +23,15 @@ def test_main_job_compares_plain_and_repaired_fits(tmp_path):
     assert "Test accuracy, plain training:" in out and "Test accuracy, with RepairCallback():" in out
     assert "points)" in out and ("Removed" in out)
     assert "round  epoch  failures" in out  # the rounds table: one round, after the second epoch
+
+
+def test_resnet_example_repairs_torchvisions_resnet18_as_written(tmp_path):
+    write_fake_fashion_mnist(tmp_path, train=200, test=40)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "resnet_repair.py"), "--epochs", "2", "--train-subset", "100",
+         "--val-size", "100"],
+        cwd=tmp_path, env={**os.environ, "FASHION_MNIST_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Curvature backend: torch_func" in result.stdout
+    assert "Test accuracy, with RepairCallback():" in result.stdout
