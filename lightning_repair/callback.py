@@ -162,6 +162,16 @@ class RepairCallback(Callback):
         """Sorted training-dataset indices removed so far."""
         return sorted(self._removed)
 
+    @property
+    def state_key(self) -> str:
+        """Built from the arguments, as Lightning's own callbacks do: two repair callbacks keep two states."""
+        return self._generate_state_key(scorer=repr(self.scorer), treatment=repr(self.treatment), seed=self.seed,
+                                        start_epoch=self.start_epoch, every_n_epochs=self.every_n_epochs)
+
+    @property
+    def _legacy_state_key(self) -> str:
+        return type(self).__qualname__  # checkpoints written before the state key had arguments
+
     def state_dict(self) -> dict[str, Any]:
         return {"removed_indices": self.removed_indices, "rounds": [dict(r) for r in self.rounds]}
 

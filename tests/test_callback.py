@@ -177,12 +177,16 @@ TREATMENTS = [EWCUnlearning(max_steps=10), Finetune(steps=10), NewtonRemoval(), 
 def test_every_scorer_runs_inside_fit(tmp_path, scorer):
     repair = RepairCallback(scorer=scorer, treatment=Finetune(steps=2), start_epoch=0, fisher_samples=64,
                             rollback=False, **({} if isinstance(scorer, KNNShapley) else {"top_k": 5}))
-    fit(tmp_path, repair, max_epochs=2)
+    trainer, _, _ = fit(tmp_path, repair, max_epochs=2)
     assert len(repair.rounds) == 2 and "skipped" not in repair.rounds[0]
-    if isinstance(scorer, KNNShapley):  # its own rule, value < 0, picks the causes
-        assert repair.selection == {"threshold": 0.0}
+    with (RepairCallback.log_dir(trainer) / "round_001_suspects.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    removed = [row["removed"] == "1" for row in rows]
+    if isinstance(scorer, KNNShapley):  # its own rule, value < 0 (score > 0), picks the causes
+        assert len(rows) == 300 and repair.rounds[0]["removed"] > 0
+        assert removed == [float(row["score"]) > 0 for row in rows]
     else:
-        assert repair.rounds[0]["removed"] == 5
+        assert repair.rounds[0]["removed"] == 5 and removed == [True] * 5 + [False] * (len(rows) - 5)
 
 
 @pytest.mark.parametrize("treatment", TREATMENTS, ids=lambda t: type(t).__name__)
@@ -192,6 +196,9 @@ def test_every_treatment_runs_inside_fit(tmp_path, treatment):
     trainer, _, _ = fit(tmp_path, repair, max_epochs=2)
     assert len(repair.rounds) == 2 and repair.rounds[-1]["removed_total"] == 16
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    # The treatment proposed candidates and the judge rated them (that they move θ̂ and fix failures on a
+    # memorised problem is tested per treatment in test_unlearning, test_newton and test_energy).
+    assert all(r["candidates_rated"] >= 1 for r in repair.rounds)
 
 
 class Stream(IterableDataset):
@@ -289,3 +296,31 @@ def test_what_chooses_a_repair_never_reads_the_held_out_failures_or_r(tmp_path):
     assert reads["scorer"] and reads["treatment"]
     assert not reads["scorer"] & measured_only and not reads["treatment"] & measured_only
     assert reads["treatment"] <= set(failures.query.tolist()) | set(failures.guard.tolist())
+
+
+def test_two_repair_callbacks_keep_two_states_in_a_checkpoint(tmp_path):
+    first = RepairCallback(top_k=5, start_epoch=0, every_n_epochs=1, fisher_samples=32, rollback=False)
+    second = RepairCallback(scorer=TrainingLoss(), top_k=7, start_epoch=0, every_n_epochs=1, fisher_samples=32,
+                            rollback=False, seed=3)
+    assert first.state_key != second.state_key and first.state_key.startswith("RepairCallback{")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    pl.Trainer(max_epochs=1, callbacks=[first, second, checkpoint], accelerator="cpu", logger=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(TinyClassifier(), BlobsDataModule())
+    states = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert states[first.state_key]["removed_indices"] == first.removed_indices
+    assert states[second.state_key]["removed_indices"] == second.removed_indices
+    assert first.removed_indices != second.removed_indices
+
+
+def test_a_checkpoint_from_before_keyed_states_still_resumes(tmp_path):
+    repair = RepairCallback(top_k=5, start_epoch=0, every_n_epochs=1, fisher_samples=32, rollback=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    pl.Trainer(max_epochs=1, callbacks=[repair, checkpoint], accelerator="cpu", logger=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(TinyClassifier(), BlobsDataModule())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved["callbacks"] = {"RepairCallback": saved["callbacks"].pop(repair.state_key)}  # the old key
+    torch.save(saved, tmp_path / "old.ckpt")
+    resumed = RepairCallback(top_k=5, start_epoch=0, every_n_epochs=1, fisher_samples=32, rollback=False)
+    pl.Trainer(max_epochs=1, callbacks=[resumed], accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(TinyClassifier(), BlobsDataModule(), ckpt_path=tmp_path / "old.ckpt")
+    assert resumed.removed_indices == repair.removed_indices and len(resumed.rounds) == 1

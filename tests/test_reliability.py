@@ -256,9 +256,14 @@ class Twice(TinyClassifier):
         return self.net[2](self.hidden(self.hidden(h).relu()).relu())
 
 
-def test_a_module_used_twice_in_forward_is_refused():
+def test_a_module_used_twice_in_forward_is_refused_by_backpack_and_repaired_by_torch_func():
+    # BackPACK keeps one input per module, so its numbers would be wrong: refused when forced.
     with pytest.raises(ValueError, match=r"\['hidden'\] run more than once"):
-        run(RepairCallback(scorer=LinearInfluence(), start_epoch=0), model=Twice(), max_epochs=1)
+        run(RepairCallback(scorer=LinearInfluence(), start_epoch=0, curvature="backpack"), model=Twice(),
+            max_epochs=1)
+    repair = RepairCallback(scorer=LinearInfluence(), start_epoch=0, top_k=5, rollback=False)
+    run(repair, model=Twice(), max_epochs=1)
+    assert repair.rounds[0]["curvature"] == "torch_func" and repair.rounds[0]["removed"] == 5
 
 
 class Unsupported(nn.Module):
@@ -278,13 +283,15 @@ class WithUnsupported(TinyClassifier):
         self.net = nn.Sequential(nn.Linear(8, 16), Unsupported(), nn.ReLU(), nn.Linear(16, 3))
 
 
-def test_unsupported_layer_points_to_params():
+def test_unsupported_layer_points_to_params_with_backpack_and_repairs_by_default():
     with pytest.raises(ValueError, match=r"BackPACK does not support \['net.1'\].*params="):
-        run(RepairCallback(start_epoch=0), model=WithUnsupported(), max_epochs=1)
-    # Restricted to the head, the same model repairs.
-    repair = RepairCallback(start_epoch=0, params=["net.3"], rollback=False, top_k=5)
-    run(repair, model=WithUnsupported(), max_epochs=1)
-    assert repair.rounds[0]["removed"] == 5
+        run(RepairCallback(start_epoch=0, curvature="backpack"), model=WithUnsupported(), max_epochs=1)
+    # Restricted to the head, BackPACK follows the same model; unrestricted, torch.func does.
+    for repair in (RepairCallback(start_epoch=0, params=["net.3"], rollback=False, top_k=5, curvature="backpack"),
+                   RepairCallback(start_epoch=0, rollback=False, top_k=5)):
+        run(repair, model=WithUnsupported(), max_epochs=1)
+        assert repair.rounds[0]["removed"] == 5
+    assert repair.rounds[0]["curvature"] == "torch_func"
 
 
 class InPlace(TinyClassifier):
@@ -294,15 +301,22 @@ class InPlace(TinyClassifier):
 
 
 def test_in_place_activations_give_the_same_scores():
+    # The repair copy runs ReLU(inplace=True) out of place: same values, so the same scores as the same network
+    # written out of place; the user's module keeps its in-place flag.
+    import csv
+
     scores = []
-    for model in (InPlace(), TinyClassifier()):
+    in_place = InPlace()
+    for model in (in_place, TinyClassifier()):
         torch.manual_seed(0)
         model.load_state_dict(TinyClassifier().state_dict())
         repair = RepairCallback(scorer=LinearInfluence(), top_k=5, start_epoch=0, rollback=False)
-        run(repair, model=model, max_epochs=1)
-        scores.append(repair.rounds[0])
-    assert scores[0]["causes"] == scores[1]["causes"] == 5
-    assert model.net[1].inplace is False and isinstance(InPlace().net[1], nn.ReLU)
+        trainer = run(repair, model=model, max_epochs=1)
+        with (RepairCallback.log_dir(trainer) / "round_001_suspects.csv").open() as handle:
+            scores.append({int(row["index"]): float(row["score"]) for row in csv.DictReader(handle)})
+    assert len(scores[0]) == 300 and scores[0].keys() == scores[1].keys()
+    assert all(scores[0][i] == pytest.approx(scores[1][i], rel=1e-5, abs=1e-9) for i in scores[0])
+    assert in_place.net[1].inplace is True
 
 
 class WithBatchNorm(TinyClassifier):

@@ -1,0 +1,111 @@
+"""What each curvature backend costs, in training epochs, on the paper CNN and on torchvision's ResNet-18.
+
+    python -m benchmarks.backends                 # N = 3,000 Fashion-MNIST images, 1,000 Fisher samples
+    python -m benchmarks.backends --n 500 --fisher-samples 100 --repeats 1   # a quick look
+
+For each model: one training epoch over N images (Adam, batch 64) is the unit; then the MC, empirical and exact
+Fisher over ``--fisher-samples`` images with BackPACK and with ``torch.func``, each timed in the same process
+(median of ``--repeats``). Where BackPACK cannot follow the model, its row says why. Writes
+``benchmarks/results/backends.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+
+from benchmarks.environment import environment
+from lightning_repair.curvature import BACKENDS, FISHER_KINDS, diagonal_fisher
+from lightning_repair.data import FashionMNISTDataModule
+from lightning_repair.models import paper_cnn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def resnet18() -> nn.Module:
+    """torchvision's resnet18 as written, but for a stem that takes 1-channel 28×28 images."""
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=3, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"paper CNN": paper_cnn, "ResNet-18": resnet18}
+
+
+def median_seconds(work: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_epoch(model: nn.Module, loader: DataLoader) -> None:
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for x, y in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+
+
+def measure(name: str, train, sample, repeats: int, kinds: list[str]) -> list[list[str]]:
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    epoch = median_seconds(lambda: train_epoch(model, DataLoader(train, batch_size=64, shuffle=True)), repeats)
+    rows = [[name, "training epoch", "—", f"{epoch:.1f} s", "1.00"]]
+    for kind in kinds:
+        for backend in BACKENDS:
+            try:
+                seconds = median_seconds(lambda: diagonal_fisher(model, DataLoader(sample, batch_size=64), kind,
+                                                                 backend=backend), repeats)
+                rows.append([name, f"{kind} Fisher", backend, f"{seconds:.1f} s", f"{seconds / epoch:.2f}"])
+            except Exception as error:  # noqa: BLE001 - the row reports what stopped the backend
+                reason = str(error).splitlines()[0][:90]
+                rows.append([name, f"{kind} Fisher", backend, f"fails: {type(error).__name__}: {reason}", "—"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=3000, help="training images; one epoch over them is the unit")
+    parser.add_argument("--fisher-samples", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kinds", nargs="+", choices=FISHER_KINDS, default=list(FISHER_KINDS),
+                        help="Fisher kinds (exact costs one per-example gradient per class)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "backends.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = FashionMNISTDataModule(train_subset=args.n, seed=0)
+    data.setup("fit")
+    train = data.train_dataset
+    sample = Subset(train, range(min(args.fisher_samples, len(train))))
+    rows = [row for name in MODELS for row in measure(name, train, sample, args.repeats, args.kinds)]
+    machine = environment()
+    lines = ["# Curvature backends: cost in training epochs",
+             f"Made by `python -m benchmarks.backends --n {args.n} --fisher-samples {args.fisher_samples} "
+             f"--repeats {args.repeats} --threads {args.threads} --kinds {' '.join(args.kinds)}`; median of {args.repeats}, all in one process. "
+             f"One epoch = one pass of Adam over {args.n:,} images; each Fisher averages over "
+             f"{len(sample):,} of them. Machine: {machine.get('cpu', '?')}, torch {torch.__version__}.",
+             "| model | quantity | backend | time | ÷ one epoch |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    args.output.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")
+    print(args.output.read_text())
+
+
+if __name__ == "__main__":
+    main()
