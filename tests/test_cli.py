@@ -48,10 +48,9 @@ def printed_config(capsys: pytest.CaptureFixture, *configs: Path) -> dict:
 
 
 def repair_callback(config: dict) -> dict:
-    """The init_args of the only callback, which must be a RepairCallback."""
-    (callback,) = config["trainer"]["callbacks"]
-    assert callback["class_path"] == "lightning_repair.RepairCallback"
-    return callback["init_args"]
+    """The RepairCallback's arguments: the config's keyed `repair:` section."""
+    assert not config["trainer"].get("callbacks")  # the callback is not a positional list entry any more
+    return config["repair"]
 
 
 def test_every_config_is_tested() -> None:
@@ -86,6 +85,17 @@ def test_defaults_and_any_lightning_module(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit):
         main(["fit", "--model", "lightning.pytorch.demos.boring_classes.BoringModel", "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"].endswith("BoringModel")
+
+
+def test_overlays_compose_whatever_other_callbacks_come_first(capsys: pytest.CaptureFixture, tmp_path: Path
+                                                               ) -> None:
+    # With a positional merge, a callback listed before the RepairCallback took the overlay's arguments.
+    other = tmp_path / "other.yaml"
+    other.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n")
+    config = printed_config(capsys, MAIN, other, CONFIGS / "treat/newton_removal.yaml")
+    assert config["repair"]["treatment"]["class_path"] == "lightning_repair.treat.NewtonRemoval"
+    [callback] = config["trainer"]["callbacks"]
+    assert callback["class_path"].endswith("LearningRateMonitor") and "treatment" not in callback["init_args"]
 
 
 def test_composed_config_instantiates(tmp_path: Path) -> None:
