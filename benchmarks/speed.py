@@ -258,7 +258,9 @@ def run(args: argparse.Namespace) -> dict:
     from lightning_repair.curvature import loss_gradient
     from lightning_repair.examples import Examples
     from lightning_repair.failures import predict, split_failures
-    from lightning_repair.identify import EWCInfluence, LinearInfluence, ScoringInputs, fit_to_failures, loss_change
+    from lightning_repair.identify import EWCInfluence, LinearInfluence, ScoringInputs
+    from lightning_repair.identify.ewc import loss_change
+    from lightning_repair.optimize import fit_to_failures
     from lightning_repair.identify.influence import directional_derivatives, natural_gradient
     from lightning_repair.params import repair_copy
 

@@ -21,7 +21,7 @@ Two backends compute the same estimators:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -54,6 +54,17 @@ def batches(loader: Iterable, model: nn.Module, adapter: BatchAdapter) -> Iterat
         yield to_device(adapter.inputs(batch), device), adapter.labels(batch).to(device)
 
 
+def endless(loader: Iterable) -> Iterator:
+    """The loader's batches, pass after pass (a shuffled loader reshuffles each pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("Cannot draw batches from an empty loader (e.g. D \\ C or the causes C is empty).")
+
+
 def checked_logits(model: nn.Module, inputs: Any, labels: Tensor, adapter: BatchAdapter) -> Tensor:
     """Logits of ``inputs``, checked to be class scores that the labels index into."""
     logits = adapter.logits(model, inputs)
@@ -79,6 +90,18 @@ def checked_logits(model: nn.Module, inputs: Any, labels: Tensor, adapter: Batch
             "classes; labels must be class indices in [0, classes)."
         )
     return logits
+
+
+def natural_gradient(gradient: Sequence[Tensor], fisher: Sequence[Tensor] | None,
+                     damping: float = 1e-3) -> list[Tensor]:
+    """(F̂ + δ)⁻¹ g elementwise, with δ = ``damping`` × mean(F̂); g itself when ``fisher`` is None."""
+    if fisher is None:
+        return list(gradient)
+    if damping <= 0:
+        raise ValueError(f"damping must be > 0 to invert the Fisher, got {damping}.")
+    delta = damping * torch.cat([f.flatten() for f in fisher]).mean()
+    delta = torch.clamp(delta, min=torch.finfo(delta.dtype).tiny)
+    return [g / (f + delta) for g, f in zip(gradient, fisher)]
 
 
 def _leaves(model: nn.Module) -> list[nn.Module]:

@@ -6,7 +6,8 @@ yields its candidates; which one is kept is decided elsewhere (:mod:`lightning_r
 
 from __future__ import annotations
 
-import itertools
+import collections
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -14,8 +15,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from lightning_repair.acceptance import keep_best
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import batches, checked_logits
+from lightning_repair.curvature import batches, checked_logits, endless
 from lightning_repair.params import anchor_penalty, detached, trainable
 
 
@@ -61,7 +63,7 @@ def anchored_steps(model: nn.Module, loader: DataLoader, data_term: DataTerm, *,
     parameters = list(parameters) if parameters is not None else trainable(model)
     anchor = detached(parameters)
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    stream = itertools.chain.from_iterable(itertools.repeat(loader))
+    stream = endless(loader)
     try:
         for step, (inputs, labels) in zip(range(1, max_steps + 1), batches(stream, model, adapter)):
             with torch.enable_grad():
@@ -103,3 +105,37 @@ def accuracy_of(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | No
         correct += (checked_logits(model, inputs, labels, adapter).argmax(1) == labels).sum().item()
         count += labels.shape[0]
     return correct / max(count, 1)
+
+
+STOP_EVERY, STOP_PATIENCE = 5, 4  # early stopping: the held-back failures' loss, checked every 5 steps
+
+
+def fit_to_failures(model: nn.Module, failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
+                    stop_loader: DataLoader | None = None, l2: float = 0.0, lr: float = 1e-3,
+                    max_steps: int = 100, adapter: BatchAdapter | None = None) -> nn.Module:
+    """θ₊F: a copy of ``model`` fitted to the failures under the EWC anchor (N/2) F̂ (``model`` is untouched).
+
+    Args:
+        model: the classifier at θ̂.
+        failure_loader: the failures F_q the fit uses.
+        fisher: F̂ per trainable parameter; None leaves only the L2 anchor.
+        n_train: N, the number of training examples, which scales the anchor.
+        stop_loader: failures held back for early stopping on their loss; None runs all ``max_steps``.
+        l2: λ of the L2 anchor (the paper: 0).
+        lr: Adam's learning rate.
+        max_steps: bound on optimizer steps.
+        adapter: how to read batches and logits.
+    """
+    adapter = adapter or BatchAdapter()
+    plus = copy.deepcopy(model)
+    steps = anchored_steps(plus, failure_loader, total_cross_entropy(len(failure_loader.dataset)), fisher=fisher,
+                           anchor_weight=n_train / 2, l2=l2, lr=lr, max_steps=max_steps,
+                           every=1 if stop_loader is None else STOP_EVERY, adapter=adapter)
+    if stop_loader is None:
+        collections.deque(steps, maxlen=0)  # run every step
+    else:
+        def stop_value(candidate: nn.Module) -> float:
+            return -mean_loss(candidate, stop_loader, adapter)
+
+        keep_best(plus, steps, stop_value, baseline=stop_value(plus), patience=STOP_PATIENCE)
+    return plus

@@ -43,6 +43,12 @@ def scoped_parameters(model: nn.Module, params: Sequence[str] | None = None) -> 
     return selected
 
 
+def last_linear_name(model: nn.Module) -> str | None:
+    """Name of the model's last ``nn.Linear`` in registration order (usually the classification head), or None."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
+
+
 def finetune_parameters(model: nn.Module, finetune_modules: Sequence[str] | Literal["all"] | None = None
                         ) -> list[nn.Parameter]:
     """The parameters a treatment's fine-tune trains: trainable (``requires_grad``) ones of the chosen modules.
@@ -54,11 +60,11 @@ def finetune_parameters(model: nn.Module, finetune_modules: Sequence[str] | Lite
             in ``model.named_modules()``, e.g. ``["net.12"]``).
     """
     if finetune_modules is None:
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
+        last = last_linear_name(model)
+        if last is None:
             raise ValueError("The model has no nn.Linear layer to fine-tune by default; name the layers to train, "
                              "e.g. `finetune_modules=['head']`, or pass `finetune_modules='all'`.")
-        names = linears[-1:]
+        names = [last]
     else:
         names = None if finetune_modules == "all" else list(finetune_modules)
     try:

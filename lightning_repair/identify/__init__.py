@@ -6,12 +6,13 @@ without a Trainer.
 
 from lightning_repair.identify.base import Scorer, ScoringInputs
 from lightning_repair.identify.baselines import RandomScores, TrainingLoss, training_loss
-from lightning_repair.identify.ewc import EWCInfluence, ewc_influence, fit_to_failures, loss_change
-from lightning_repair.identify.influence import GradientDot, LinearInfluence, linear_influence, natural_gradient
-from lightning_repair.identify.knn_shapley import KNNShapley, embeddings, knn_shapley_scores, knn_shapley_values
+from lightning_repair.identify.ewc import EWCInfluence, ewc_influence
+from lightning_repair.identify.influence import GradientDot, LinearInfluence, linear_influence
+from lightning_repair.identify.knn_shapley import KNNShapley, knn_shapley_scores, knn_shapley_values
 
+# The scorers and their plain functions; helpers (embeddings, loss_change, ...) stay in their modules.
 __all__ = [
     "EWCInfluence", "GradientDot", "KNNShapley", "LinearInfluence", "RandomScores", "Scorer", "ScoringInputs",
-    "TrainingLoss", "embeddings", "ewc_influence", "fit_to_failures", "knn_shapley_scores", "knn_shapley_values",
-    "linear_influence", "loss_change", "natural_gradient", "training_loss",
+    "TrainingLoss", "ewc_influence", "knn_shapley_scores", "knn_shapley_values", "linear_influence",
+    "training_loss",
 ]

@@ -7,8 +7,6 @@ Two forward passes over D, no per-example gradients.
 
 from __future__ import annotations
 
-import collections
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -19,41 +17,8 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
-from lightning_repair.acceptance import keep_best
-from lightning_repair.optimize import anchored_steps, mean_loss, total_cross_entropy
+from lightning_repair.optimize import fit_to_failures
 
-STOP_EVERY, STOP_PATIENCE = 5, 4  # early stopping: the held-back failures' loss, checked every 5 steps
-
-
-def fit_to_failures(model: nn.Module, failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
-                    stop_loader: DataLoader | None = None, l2: float = 0.0, lr: float = 1e-3,
-                    max_steps: int = 100, adapter: BatchAdapter | None = None) -> nn.Module:
-    """θ₊F: a copy of ``model`` fitted to the failures under the EWC anchor (N/2) F̂ (``model`` is untouched).
-
-    Args:
-        model: the classifier at θ̂.
-        failure_loader: the failures F_q the fit uses.
-        fisher: F̂ per trainable parameter; None leaves only the L2 anchor.
-        n_train: N, the number of training examples, which scales the anchor.
-        stop_loader: failures held back for early stopping on their loss; None runs all ``max_steps``.
-        l2: λ of the L2 anchor (the paper: 0).
-        lr: Adam's learning rate.
-        max_steps: bound on optimizer steps.
-        adapter: how to read batches and logits.
-    """
-    adapter = adapter or BatchAdapter()
-    plus = copy.deepcopy(model)
-    steps = anchored_steps(plus, failure_loader, total_cross_entropy(len(failure_loader.dataset)), fisher=fisher,
-                           anchor_weight=n_train / 2, l2=l2, lr=lr, max_steps=max_steps,
-                           every=1 if stop_loader is None else STOP_EVERY, adapter=adapter)
-    if stop_loader is None:
-        collections.deque(steps, maxlen=0)  # run every step
-    else:
-        def stop_value(candidate: nn.Module) -> float:
-            return -mean_loss(candidate, stop_loader, adapter)
-
-        keep_best(plus, steps, stop_value, baseline=stop_value(plus), patience=STOP_PATIENCE)
-    return plus
 
 
 @torch.no_grad()

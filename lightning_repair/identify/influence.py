@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,24 +18,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import (AdapterLogits, Backend, batches, checked_logits, loss_gradient,
+from lightning_repair.curvature import (AdapterLogits, Backend, batches, loss_gradient, natural_gradient,
                                        per_example_gradients)
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
 
 ScoringMethod = Literal["jvp", "backpack"]
 SCORING_METHODS = ("jvp", "backpack")
-
-
-def natural_gradient(gradient: Sequence[Tensor], fisher: Sequence[Tensor] | None,
-                     damping: float = 1e-3) -> list[Tensor]:
-    """(F̂ + δ)⁻¹ g elementwise, with δ = ``damping`` × mean(F̂); g itself when ``fisher`` is None."""
-    if fisher is None:
-        return list(gradient)
-    if damping <= 0:
-        raise ValueError(f"damping must be > 0 to invert the Fisher, got {damping}.")
-    delta = damping * torch.cat([f.flatten() for f in fisher]).mean()
-    delta = torch.clamp(delta, min=torch.finfo(delta.dtype).tiny)
-    return [g / (f + delta) for g, f in zip(gradient, fisher)]
 
 
 def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor],

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
+from lightning_repair.params import last_linear_name
 
 
 def _validate(
@@ -194,13 +195,13 @@ def knn_shapley_scores(
     )
 
 
-def last_linear_name(model: nn.Module) -> str:
-    """Name of the model's last ``nn.Linear`` (in registration order), whose input is the default embedding."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
+def embedding_module(model: nn.Module) -> str:
+    """Name of the model's last ``nn.Linear``, whose input is the default embedding."""
+    name = last_linear_name(model)
+    if name is None:
         raise ValueError("KNN-Shapley takes embeddings at the input of the last nn.Linear, and the model has "
                          "none; name the embedding module with `KNNShapley(module=...)`.")
-    return names[-1]
+    return name
 
 
 @torch.no_grad()
@@ -208,7 +209,7 @@ def embeddings(model: nn.Module, loader: DataLoader, module: str | None = None,
                adapter: BatchAdapter | None = None, progress: Progress = no_progress) -> tuple[Tensor, Tensor]:
     """φ(x), the flattened input of ``module`` (default: the last linear layer), and labels, for ``loader``."""
     adapter = adapter or BatchAdapter()
-    name = module or last_linear_name(model)
+    name = module or embedding_module(model)
     modules = dict(model.named_modules())
     if name not in modules:
         raise ValueError(f"KNNShapley(module={name!r}): the model has no such module.")

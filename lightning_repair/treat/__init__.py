@@ -7,13 +7,12 @@ without a Trainer.
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 from lightning_repair.treat.best_of import BestOf
 from lightning_repair.treat.ewc_unlearning import EWCUnlearning, ewc_unlearning
-from lightning_repair.treat.energy import (EnergyAlignment, align_inputs, aligned_causes, energy, energy_alignment,
-                                           energy_gradient, soft_labels)
+from lightning_repair.treat.energy import EnergyAlignment, energy_alignment
 from lightning_repair.treat.finetune import Finetune, finetune
-from lightning_repair.treat.newton import NewtonRemoval, choose_step_size, lissa_inverse_hvp, newton_removal
+from lightning_repair.treat.newton import NewtonRemoval, newton_removal
 
+# The treatments and their plain functions; helpers (lissa_inverse_hvp, energy, ...) stay in their modules.
 __all__ = [
-    "BestOf", "EWCUnlearning", "EnergyAlignment", "Finetune", "NewtonRemoval", "Treatment", "TreatmentInputs", "align_inputs",
-    "aligned_causes", "choose_step_size", "energy", "energy_alignment", "energy_gradient", "ewc_unlearning",
-    "finetune", "lissa_inverse_hvp", "newton_removal", "soft_labels",
+    "BestOf", "EWCUnlearning", "EnergyAlignment", "Finetune", "NewtonRemoval", "Treatment", "TreatmentInputs",
+    "energy_alignment", "ewc_unlearning", "finetune", "newton_removal",
 ]

@@ -9,8 +9,7 @@ label argmax ỹ instead.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_repair.acceptance import Choice, Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import batches, checked_logits, model_device
-from lightning_repair.identify.ewc import fit_to_failures
+from lightning_repair.curvature import batches, checked_logits, endless, model_device
+from lightning_repair.optimize import fit_to_failures
 from lightning_repair.params import finetune_parameters
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
@@ -155,9 +154,9 @@ def energy_alignment_candidates(model: nn.Module, cause_loader: DataLoader, kept
     aligned_loader = DataLoader(TensorDataset(cause_inputs, cause_targets), batch_size=cause_loader.batch_size or 64,
                                 shuffle=True, generator=generator)
     device = model_device(model)
-    kept = _cycle(kept_loader, lambda stream: batches(stream, model, adapter)) if n_kept else None
+    kept = batches(endless(kept_loader), model, adapter) if n_kept else None
     # Soft targets are not class indices, so the aligned batches bypass the adapter's label check.
-    aligned = _cycle(aligned_loader, lambda stream: ((x.to(device), t.to(device)) for x, t in stream)) \
+    aligned = ((x.to(device), t.to(device)) for x, t in endless(aligned_loader)) \
         if n_causes else None
     optimizer = torch.optim.Adam(parameters, lr=lr)
     for step in range(1, finetune_steps + 1):
@@ -238,12 +237,6 @@ class EnergyAlignment(Treatment):
             step_size=self.step_size, steps=self.steps, mode=self.mode, finetune_modules=self.finetune_modules,
             finetune_steps=self.finetune_steps, lr=self.lr, fit_lr=self.fit_lr, fit_steps=self.fit_steps,
             eval_every=self.eval_every, seed=inputs.seed, adapter=inputs.adapter)
-
-
-def _cycle(loader: DataLoader, read: Callable[[Iterable], Iterator[tuple[Any, Tensor]]]
-           ) -> Iterator[tuple[Any, Tensor]]:
-    """Endless batches of ``loader`` (reshuffled each pass), each read by ``read``."""
-    return read(itertools.chain.from_iterable(itertools.repeat(loader)))
 
 
 def _check_floating(inputs: object) -> None:

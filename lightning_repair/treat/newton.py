@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.acceptance import Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import batches, checked_logits, loss_gradient
-from lightning_repair.identify.influence import natural_gradient
+from lightning_repair.curvature import batches, checked_logits, endless, loss_gradient, natural_gradient
 from lightning_repair.params import detached, dot, finetune_parameters, moving_only, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
@@ -62,7 +61,7 @@ def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Ten
     v = [t.detach() for t in vector]
     h = list(v)
     with torch.enable_grad():
-        for _, (inputs, labels) in zip(range(steps), batches(_cycle(loader), model, adapter)):
+        for _, (inputs, labels) in zip(range(steps), batches(endless(loader), model, adapter)):
             hvp = _hessian_vector_product(model, parameters, inputs, labels, h, adapter)
             h = [vi + (1.0 - damping) * hi - hv / scale for vi, hi, hv in zip(v, h, hvp)]
     result = [hi / scale for hi in h]
@@ -81,7 +80,7 @@ def largest_eigenvalue(model: nn.Module, loader: DataLoader, iterations: int = 2
     """
     adapter = adapter or BatchAdapter()
     parameters = trainable(model)
-    fixed = list(itertools.islice(batches(_cycle(loader), model, adapter), batches_used))
+    fixed = list(itertools.islice(batches(endless(loader), model, adapter), batches_used))
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator).to(p) for p in parameters]
     eigenvalue = 0.0
@@ -307,17 +306,6 @@ def _hessian_vector_product(model: nn.Module, parameters: list[nn.Parameter], in
                                  allow_unused=True)
         products = [z if h is None else h.detach() for z, h in zip(products, hv)]
     return products
-
-
-def _cycle(loader: Iterable) -> Iterator:
-    """The loader's batches, repeated without end."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("LiSSA needs a non-empty loader of D \\ C.")
 
 
 @torch.no_grad()
