@@ -204,11 +204,12 @@ def identification_record(scores: Tensor, causes: Tensor, is_flipped: Tensor, se
     }
 
 
-def query_loaders(validation: Examples, query: Tensor, seed: int) -> tuple[Any, Any]:
-    """F_q for the scorers and a held-back STOP_FRACTION of it for early stopping, as the callback splits it."""
+def query_loaders(validation: Examples, query: Tensor, seed: int) -> tuple[Any, Any, Any]:
+    """F_q, F_q without a held-back STOP_FRACTION, and that part (EWC influence's early stopping), as the callback
+    splits them."""
     fit_part, stop_part = hold_back(query, STOP_FRACTION, seed)
-    return validation.subset(fit_part).loader(), (validation.subset(stop_part).loader() if stop_part is not None
-                                                  else None)
+    return (validation.subset(query).loader(), validation.subset(fit_part).loader(),
+            validation.subset(stop_part).loader() if stop_part is not None else None)
 
 
 def relative_change(model: nn.Module, reference: nn.Module) -> float:
@@ -281,7 +282,7 @@ def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log:
     fisher_seconds = clock.phases["fisher"]
     record["fisher_seconds"] = fisher_seconds
 
-    query, stop = query_loaders(val_examples, failures.query, seed)
+    query, query_fit, stop = query_loaders(val_examples, failures.query, seed)
     trusted = torch.cat([failures.query, failures.guard]).sort().values  # F_q ∪ R_q, as the callback gives
     identification: dict[str, Any] = {}
     cause_sets: dict[str, Tensor] = {}
@@ -290,6 +291,7 @@ def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log:
         log(f"[{tag}] identification: {name}")
         utility = torch.cat([trusted, failures.remaining]).sort().values if name in IDENTIFICATION_ONLY else trusted
         inputs = ScoringInputs(model=repair_copy(noisy), train=train_examples.loader(), query=query, stop=stop,
+                               query_fit=query_fit,
                                trusted=val_examples.subset(utility).loader(),
                                fisher=fisher if scorer.needs_fisher else None, n_train=n_train, adapter=adapter,
                                seed=seed)

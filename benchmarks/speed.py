@@ -132,12 +132,12 @@ def naive_grad_dots(model: nn.Module, dataset, count: int, direction: list[Tenso
 
 
 def query_loaders(validation, query: Tensor, stop_fraction: float, seed: int):
-    """F_q and its held-back ``stop_fraction`` for early stopping, split as RepairCallback splits them."""
+    """F_q, F_q without its held-back ``stop_fraction``, and that part, split as RepairCallback splits them."""
     from lightning_repair.failures import hold_back
 
     fit_part, stop_part = hold_back(query, stop_fraction, seed)
-    return validation.subset(fit_part).loader(), (validation.subset(stop_part).loader() if stop_part is not None
-                                                  else None)
+    return (validation.subset(query).loader(), validation.subset(fit_part).loader(),
+            validation.subset(stop_part).loader() if stop_part is not None else None)
 
 
 def sampled_fisher(model: nn.Module, train, kept: Tensor, callback, seed: int) -> list[Tensor]:
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
     predictions, labels = predict(model, validation.loader(), callback.adapter)
     failures = split_failures(predictions, labels, callback.query_fraction, callback.max_failures, seed)
     kept = torch.arange(n)
-    query, stop = query_loaders(validation, failures.query, callback.stop_fraction, seed)
+    query, query_fit, stop = query_loaders(validation, failures.query, callback.stop_fraction, seed)
     train_loader = train.subset(kept).loader()
     print(f"  failures on validation: {failures.size + failures.dropped} (F_q {len(failures.query)}, "
           f"F_h {len(failures.holdout)})", flush=True)
@@ -315,8 +315,8 @@ def run(args: argparse.Namespace) -> dict:
                     lambda: sampled_fisher(model, train, kept, callback, seed))
 
     def inputs() -> ScoringInputs:
-        return ScoringInputs(model=model, train=train_loader, query=query, stop=stop, trusted=None, fisher=fisher,
-                             n_train=n, adapter=callback.adapter, seed=seed)
+        return ScoringInputs(model=model, train=train_loader, query=query, stop=stop, query_fit=query_fit,
+                             trusted=None, fisher=fisher, n_train=n, adapter=callback.adapter, seed=seed)
 
     # (c) linear influence, JVP fast path: the scorer (g_F + one forward-mode pass), and the pass alone.
     direction = natural_gradient(loss_gradient(model, query, callback.adapter), fisher)
@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
     record("ewc", "EWCInfluence: score() = fit to F_q + 2 forward passes",
            lambda: EWCInfluence().score(inputs()))
     plus = record("ewc_fit", "  of which the fit to F_q",
-                  lambda: fit_to_failures(model, query, fisher, n, stop, adapter=callback.adapter))
+                  lambda: fit_to_failures(model, query_fit, fisher, n, stop, adapter=callback.adapter))
     record("ewc_passes", "  of which the 2 forward passes over D",
            lambda: loss_change(model, plus, train_loader, callback.adapter))
 

@@ -65,7 +65,8 @@ class RepairCallback(Callback):
             ``"backpack"`` or ``"torch_func"`` force one.
         query_fraction: share of the failures in F_q; the rest, F_h, is only measured.
         max_failures: keep at most this many failures per round (a seeded random subset).
-        stop_fraction: share of F_q held back to early-stop the fit to the failures (EWC influence).
+        stop_fraction: share of F_q that EWC influence holds back to early-stop its fit to the failures; every
+            other method reads all of F_q.
         params: names of submodules the Fisher, scores and treatment are restricted to (e.g. ``["net.9"]``);
             default all trainable parameters.
         batch_size: batch size of the repair passes; default the training DataLoader's.
@@ -266,8 +267,9 @@ class RepairCallback(Callback):
                 return _skipped(record, "non-finite Fisher", len(self._removed), clock)
         record.update(seconds_fisher=clock.lap(), curvature=self._backend)
 
-        fit_part, stop_part = hold_back(failures.query, self.stop_fraction, seed)
-        query_loader = validation.subset(fit_part).loader()
+        fit_part, stop_part = hold_back(failures.query, self.stop_fraction, seed)  # early stopping (EWC influence)
+        query_loader = validation.subset(failures.query).loader()
+        query_fit_loader = validation.subset(fit_part).loader()
         stop_loader = validation.subset(stop_part).loader() if stop_part is not None else None
         trusted = torch.cat([failures.query, failures.guard]).sort().values  # never F_h or R: the rollback's
         failure_share = (failures.size + failures.dropped) / len(validation)  # π_F = |F| / |V|
@@ -275,8 +277,8 @@ class RepairCallback(Callback):
         def score(share: Tensor) -> Tensor:
             return self.scorer.score(ScoringInputs(
                 model=model, train=train.subset(share).loader(), query=query_loader, stop=stop_loader,
-                trusted=validation.subset(trusted).loader(), fisher=fisher, n_train=len(kept),
-                adapter=self.adapter, seed=seed, progress=_progress_bar(trainer))).float().cpu()
+                query_fit=query_fit_loader, trusted=validation.subset(trusted).loader(), fisher=fisher,
+                n_train=len(kept), adapter=self.adapter, seed=seed, progress=_progress_bar(trainer))).float().cpu()
 
         scores_kept = gather_sharded(trainer.strategy, kept, score) if self.scorer.shardable else score(kept)
         scores = torch.full((len(train.dataset),), float("nan"))
@@ -296,14 +298,13 @@ class RepairCallback(Callback):
         if len(causes):
             generator = torch.Generator().manual_seed(seed)
             without_causes = kept[~torch.isin(kept, causes)]
-            query_all = validation.subset(failures.query).loader()
-            judge = Judge(model, query_all, validation.subset(failures.guard).loader(), failure_share,
+            judge = Judge(model, query_loader, validation.subset(failures.guard).loader(), failure_share,
                           margin=self.acceptance_margin, max_remaining_drop=self.max_remaining_drop,
                           adapter=self.adapter)
             choice = self.treatment.treat(TreatmentInputs(
                 model=model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
                 kept=train.subset(without_causes).loader(shuffle=True, generator=generator),
-                query=query_all, judge=judge, fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
+                query=query_loader, judge=judge, fisher=fisher, n_train=len(kept), adapter=self.adapter, seed=seed))
             record.update(candidate=choice.label, candidates_rated=choice.rated)
             broadcast_parameters(trainer.strategy, model)  # every rank treats alike; rank 0's result is the one
         record["seconds_treatment"] = clock.lap()

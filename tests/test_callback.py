@@ -324,3 +324,33 @@ def test_a_checkpoint_from_before_keyed_states_still_resumes(tmp_path):
     pl.Trainer(max_epochs=1, callbacks=[resumed], accelerator="cpu", logger=False, enable_progress_bar=False,
                enable_model_summary=False).fit(TinyClassifier(), BlobsDataModule(), ckpt_path=tmp_path / "old.ckpt")
     assert resumed.removed_indices == repair.removed_indices and len(resumed.rounds) == 1
+
+
+def test_scorers_read_all_of_the_query_failures(tmp_path):
+    # stop_fraction holds part of F_q back for EWC influence's early stopping only; other scorers get all of F_q.
+    from lightning_repair.failures import split_failures
+
+    data = BlobsDataModule()
+    validation = data.val_dataset
+    scorer, reads, seen = LinearInfluence(), {}, {}
+    score = scorer.score
+
+    def recording(inputs):
+        start = len(validation.served)
+        result = score(inputs)
+        reads["scorer"] = set(validation.served[start:])
+        return result
+
+    scorer.score = recording
+
+    class Predictions(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            with torch.no_grad():
+                seen["predictions"] = pl_module(validation.x).argmax(1)
+
+    repair = RepairCallback(scorer=scorer, start_epoch=0, fisher_samples=32, top_k=10, stop_fraction=0.5)
+    pl.Trainer(max_epochs=1, callbacks=[Predictions(), repair], accelerator="cpu", logger=False,
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(
+        TinyClassifier(), data)
+    failures = split_failures(seen["predictions"], validation.y, 0.5, 2000, seed=repair.seed + 1)
+    assert len(failures.query) > 2 and reads["scorer"] == set(failures.query.tolist())

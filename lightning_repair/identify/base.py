@@ -26,8 +26,9 @@ class ScoringInputs:
     Attributes:
         model: a repair copy of the classifier at θ̂ (eval mode, only scoped parameters trainable).
         train: the training examples to score, in a fixed order; scores align with it.
-        query: the failures F_q.
+        query: the failures F_q, all of them.
         stop: a small part of F_q held back for early stopping (EWC influence), or None.
+        query_fit: F_q without ``stop``, what a method that early-stops on ``stop`` fits to; None: ``query``.
         trusted: F_q ∪ R_q, every validation example a method may read (KNN-Shapley's trusted utility); never
             F_h or R, on which the acceptance rule decides whether the round is kept.
         fisher: diagonal Fisher F̂ per scoped parameter, or None when the scorer does not need it.
@@ -47,6 +48,7 @@ class ScoringInputs:
     adapter: BatchAdapter
     seed: int = 0
     progress: Progress = no_progress
+    query_fit: DataLoader | None = None
 
 
 class Scorer(ABC):

@@ -64,5 +64,6 @@ class EWCInfluence(Scorer):
         self.lr, self.max_steps, self.l2 = lr, max_steps, l2
 
     def score(self, inputs: ScoringInputs) -> Tensor:
-        return ewc_influence(inputs.model, inputs.train, inputs.query, inputs.fisher, inputs.n_train, inputs.stop,
+        fit = inputs.query if inputs.query_fit is None else inputs.query_fit  # F_q without the early-stop part
+        return ewc_influence(inputs.model, inputs.train, fit, inputs.fisher, inputs.n_train, inputs.stop,
                              self.l2, self.lr, self.max_steps, inputs.adapter, inputs.progress)
