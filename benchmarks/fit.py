@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -33,12 +32,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from benchmarks.environment import environment
+from benchmarks import metrics
+from benchmarks.environment import environment, peak_memory_mb
+from benchmarks.report import write_json
+from benchmarks.repair import complement
+from benchmarks.training import epoch_overrides
 
 BENCHMARKS = Path(__file__).resolve().parent
 CACHE = BENCHMARKS / "cache" / "fit"
@@ -111,21 +116,15 @@ class Setting:
 # ---- the runs, each in its own process ----------------------------------------------------------------------
 
 
-class EpochHistory:
+class EpochHistory(Callback):
     """Validation accuracy after every epoch's validation (before that epoch's repair round, if any)."""
 
-    def __new__(cls):  # a Lightning Callback built lazily, so that importing this module stays light
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self) -> None:
+        self.validation_accuracy: list[float] = []
 
-        class _History(Callback):
-            def __init__(self) -> None:
-                self.validation_accuracy: list[float] = []
-
-            def on_validation_epoch_end(self, trainer, pl_module) -> None:
-                if not trainer.sanity_checking:
-                    self.validation_accuracy.append(float(trainer.callback_metrics["val/acc"]))
-
-        return _History()
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validation_accuracy.append(float(trainer.callback_metrics["val/acc"]))
 
 
 class Indexed(Dataset):
@@ -204,8 +203,6 @@ def _datamodule(setting: Setting, noise: str, kept: Tensor | None = None, indexe
 def _fit(setting: Setting, data, model, callbacks: list, root: Path, validate: bool = True
          ) -> tuple[list[float], float]:
     """``Trainer.fit`` from the setting's seed; returns validation accuracy per epoch and wall seconds."""
-    import lightning.pytorch as pl
-
     history = EpochHistory()
     trainer = pl.Trainer(max_epochs=setting.epochs, accelerator="auto", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -249,7 +246,6 @@ def _test_accuracy(model: nn.Module, data) -> float:
 
 def _new_classifier(seed: int):
     """The paper CNN with the setting's initial weights (the same for every run of a setting)."""
-    import lightning.pytorch as pl
     from lightning_repair.models import ImageClassifier
 
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -258,8 +254,6 @@ def _new_classifier(seed: int):
 
 def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
     """One run of one setting, in this process; returns its figures."""
-    import lightning.pytorch as pl
-
     torch.set_num_threads(threads)
     noisy = _datamodule(setting, setting.protocol)
     flipped = noisy.flipped_indices
@@ -283,7 +277,7 @@ def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
             labels = noisy.train_dataset.labels
             _, removed = cleanlab_issues(labels, probabilities)
             extra_seconds = time.perf_counter() - start
-            kept = torch.tensor(sorted(set(range(len(labels))) - set(removed.tolist())), dtype=torch.long)
+            kept = complement(len(labels), removed)
             model = _new_classifier(setting.seed)
             history, seconds = _fit(setting, _datamodule(setting, setting.protocol, kept=kept), model, [],
                                     Path(root))
@@ -304,7 +298,10 @@ def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
         "validation_accuracy": history, "seconds": seconds + extra_seconds, "peak_memory_mb": _peak_memory_mb(),
         "environment": environment(), **details}
     if removed is not None:
-        record.update(removed=len(removed), **_precision_recall(removed, flipped))
+        is_flipped = torch.zeros(len(noisy.train_dataset), dtype=torch.bool)
+        is_flipped[flipped] = True
+        precision, recall = metrics.precision_recall(removed.numpy(), is_flipped.numpy())
+        record.update(removed=len(removed), precision=precision, recall=recall)  # NaN (null) when none removed
     return record
 
 
@@ -314,24 +311,15 @@ def _round_summary(record: dict[str, Any]) -> dict[str, Any]:
     return {key: record.get(key) for key in keys}
 
 
-def _precision_recall(removed: Tensor, flipped: Tensor) -> dict[str, float | None]:
-    hits = int(torch.isin(removed, flipped).sum())
-    return {"precision": hits / len(removed) if len(removed) else None,
-            "recall": hits / len(flipped) if len(flipped) else None}
-
-
 def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    """The GPU's peak allocation on CUDA, the process's peak resident memory on the CPU."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_memory_mb()
 
 
 def _run_and_cache(setting: Setting, run: str, threads: int, path: Path) -> str:
     record = run_one(setting, run, threads)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=1))
-    temporary.replace(path)
+    write_json(path, record)
     return f"{setting.tag} {run}: test {record['test']:.4f}, {record['seconds']:.0f} s"
 
 
@@ -387,12 +375,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where fit.md, fit.json and the plots go")
     parser.add_argument("--cache", type=Path, default=CACHE, help="one JSON file per finished run")
     arguments = parser.parse_args(argv)
-    arguments.regime_epochs = {}
-    for override in arguments.epochs:
-        name, _, epochs = override.partition("=")
-        if name not in REGIMES or not epochs.isdigit() or int(epochs) < 1:
-            parser.error(f"--epochs takes REGIME=EPOCHS with REGIME in {list(REGIMES)}, got {override!r}")
-        arguments.regime_epochs[name] = int(epochs)
+    arguments.regime_epochs = epoch_overrides(parser, arguments.epochs, REGIMES)
     if arguments.quick:
         arguments.protocols, arguments.regimes, arguments.seeds = ["pairs"], ["3k-mem"], [0]
         arguments.runs = ["plain", "repair"]

@@ -35,7 +35,8 @@ from benchmarks import metrics
 from benchmarks.environment import environment, peak_memory_mb
 from benchmarks.peers import cleanlab_issues, cross_validated_probabilities
 from benchmarks.report import write_results
-from benchmarks.training import BATCH_SIZE, Split, cached, new_model, predictions, split_tensors, train, trained_model
+from benchmarks.training import (BATCH_SIZE, Split, cached, epoch_overrides, new_model, predictions, split_tensors,
+                                 train, trained_model)
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import diagonal_fisher
 from lightning_repair.data import FashionMNISTDataModule
@@ -402,12 +403,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or RESULTS
     if args.folds < 2:
         parser.error("--folds must be at least 2")
-    args.regime_epochs = {}
-    for override in args.epochs:
-        name, _, epochs = override.partition("=")
-        if name not in REGIMES or not epochs.isdigit() or int(epochs) < 1:
-            parser.error(f"--epochs takes REGIME=EPOCHS with REGIME in {list(REGIMES)}, got {override!r}")
-        args.regime_epochs[name] = int(epochs)
+    args.regime_epochs = epoch_overrides(parser, args.epochs, REGIMES)
     return args
 
 

@@ -7,8 +7,9 @@ lr 1e-3, batch 64), as in :class:`lightning_repair.models.ImageClassifier`.
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,14 @@ def trained_model(path: Path, data: Split, epochs: int, seed: int) -> tuple[nn.M
     model = new_model(seed)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), {"epoch_seconds": saved["epoch_seconds"], "cached": was_cached}
+
+
+def epoch_overrides(parser: argparse.ArgumentParser, overrides: list[str], regimes: Iterable[str]) -> dict[str, int]:
+    """``--epochs REGIME=EPOCHS ...`` as {regime: epochs}; a malformed one stops the parser with a message."""
+    regimes, epochs_of = list(regimes), {}
+    for override in overrides:
+        name, _, epochs = override.partition("=")
+        if name not in regimes or not epochs.isdigit() or int(epochs) < 1:
+            parser.error(f"--epochs takes REGIME=EPOCHS with REGIME in {regimes}, got {override!r}")
+        epochs_of[name] = int(epochs)
+    return epochs_of

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.failures import predict
-from lightning_repair.params import detached, trainable
+from lightning_repair.params import assign_, detached, trainable
 
 DEFAULT_MARGIN = 2.0
 
@@ -182,9 +182,7 @@ def keep_best(model: nn.Module, candidates: Iterable[object], rate: Rating, *, b
             stale += 1
             if patience is not None and stale >= patience:
                 break
-    with torch.no_grad():
-        for p, kept in zip(parameters, best_parameters):
-            p.copy_(kept)
+    assign_(parameters, best_parameters)
     return Choice(best.label, best.value, rated)
 
 

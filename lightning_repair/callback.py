@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from lightning_repair.acceptance import DEFAULT_MARGIN, Judge, Verdict, compare
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import BACKENDS, FISHER_KINDS, FisherKind, choose_backend, diagonal_fisher
+from lightning_repair.curvature import (BACKENDS, FISHER_KINDS, FisherKind, choose_backend, diagonal_fisher,
+                                       forked_rng)
 from lightning_repair.distributed import broadcast_parameters, gather_sharded, sum_across_ranks
 from lightning_repair.examples import Examples
 from lightning_repair.exclusion import exclude_from
@@ -224,7 +225,7 @@ class RepairCallback(Callback):
         # Validation runs under inference mode; the repair needs gradients. The round draws random numbers (loader
         # seeds, MC labels); the user's RNG streams go on as if it had not run, so a rolled-back round changes
         # nothing, not even the order of the next epoch's batches.
-        with _user_rng_kept(pl_module), torch.inference_mode(False), torch.enable_grad():
+        with forked_rng(pl_module), torch.inference_mode(False), torch.enable_grad():
             record = self._repair(trainer, pl_module)
         self.rounds.append(record)
         for logger in trainer.loggers:
@@ -356,13 +357,12 @@ class RepairCallback(Callback):
         sample = kept[torch.randperm(len(kept), generator=generator)[: self.fisher_samples]].sort().values
         share = math.ceil(len(sample) / trainer.world_size)
         mine = sample[trainer.global_rank * share:(trainer.global_rank + 1) * share]
-        devices = [model_device] if (model_device := next(model.parameters()).device).type == "cuda" else []
         loader = train.subset(mine).loader()
         if self._backend is None:  # chosen once per fit, on the first round's model
             self._backend, reason = choose_backend(model, loader, self.fisher, self.adapter)
             rank_zero_info(f"RepairCallback: per-example gradients and the Fisher by {self._backend}"
                            + (f" (BackPACK cannot follow this model: {reason})." if reason else "."))
-        with torch.random.fork_rng(devices=devices):  # MC labels are sampled without touching the user's RNG
+        with forked_rng(model):  # MC labels are sampled without touching the user's RNG
             torch.manual_seed(seed + trainer.global_rank)
             fisher = diagonal_fisher(model, loader, self.fisher, self.adapter, backend=self._backend)
         # Per-example means of equal-sized shares (the last may be smaller): weight each by its size.
@@ -486,13 +486,14 @@ def check_cross_entropy(model: torch.nn.Module, batch: Any, training_loss: float
 
     Scores and treatments assume the model is trained with cross-entropy on its logits; label smoothing, an MSE
     loss or large added terms break that assumption. The extra forward pass leaves the module as it was: its
-    buffers (BatchNorm statistics) are restored and its random draws (dropout) come from a forked RNG. Dropout makes the two differ a little, hence the tolerance;
-    an untrained model's near-uniform outputs hide label smoothing, hence a check at every epoch's start.
+    buffers (BatchNorm statistics) are restored and its random draws (dropout) come from a forked RNG. Dropout
+    makes the two differ a little, hence the tolerance; an untrained model's near-uniform outputs hide label
+    smoothing, hence a check at every epoch's start.
     Returns False when it warned.
     """
     labels = adapter.labels(batch).to(model.device)
     buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    with _user_rng_kept(model):  # a train-mode forward pass draws dropout masks and updates BatchNorm statistics
+    with forked_rng(model):  # a train-mode forward pass draws dropout masks and updates BatchNorm statistics
         logits = adapter.logits(model, adapter.inputs(batch))
     for buffer, before in buffers:
         buffer.copy_(before)
@@ -507,13 +508,6 @@ def check_cross_entropy(model: torch.nn.Module, batch: Any, training_loss: float
         "trained with plain cross-entropy on its logits; with another loss (label smoothing, MSE, large regularisers) "
         "the causes it finds and the repairs it makes follow cross-entropy, not your objective.")
     return False
-
-
-def _user_rng_kept(module: torch.nn.Module):
-    """Forks the global CPU RNG and, for a module on a GPU, that GPU's: draws inside leave the user's streams as
-    they were."""
-    device = next(module.parameters(), torch.empty(0)).device
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _accuracies(failures: FailureSet, predictions: Tensor, labels: Tensor, when: str) -> dict[str, float]:

@@ -20,6 +20,7 @@ Two backends compute the same estimators:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +46,13 @@ GRADIENT_FLOATS = 2**25  # torch.func: per-example gradients held at once, in fl
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device
+
+
+def forked_rng(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Forks the global CPU RNG and, for a model on a GPU, that GPU's: random draws inside the block leave the
+    streams outside it as they were."""
+    device = next(model.parameters(), torch.empty(0)).device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def batches(loader: Iterable, model: nn.Module, adapter: BatchAdapter) -> Iterator[tuple[Any, Tensor]]:
@@ -378,10 +386,9 @@ def choose_backend(model: nn.Module, loader: DataLoader, kind: FisherKind, adapt
     first = next(iter(loader), None)
     if first is None:
         raise ValueError("Cannot choose a curvature backend from an empty loader.")
-    probe = DataLoader(_OneBatch(first), batch_size=None)
     try:
-        with torch.random.fork_rng(devices=[d] if (d := model_device(model)).type == "cuda" else []):
-            diagonal_fisher(model, probe, kind, adapter, backend="backpack")
+        with forked_rng(model):
+            diagonal_fisher(model, [first], kind, adapter, backend="backpack")
     except FloatingPointError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever stops BackPACK, torch.func is exact for any model
@@ -392,16 +399,3 @@ def choose_backend(model: nn.Module, loader: DataLoader, kind: FisherKind, adapt
                     delattr(p, attribute)
         return "torch_func", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
     return "backpack", None
-
-
-class _OneBatch(torch.utils.data.Dataset):
-    """A dataset of exactly one (already collated) batch."""
-
-    def __init__(self, batch: Any) -> None:
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return 1
-
-    def __getitem__(self, index: int) -> Any:
-        return self.batch

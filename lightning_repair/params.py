@@ -120,6 +120,13 @@ def copy_parameters_(target: nn.Module, source: nn.Module) -> None:
             mine.copy_(theirs)
 
 
+@torch.no_grad()
+def assign_(parameters: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+    """Sets each parameter to its value in place, e.g. back to θ̂ or to the best candidate seen."""
+    for parameter, value in zip(parameters, values):
+        parameter.copy_(value)
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of a :func:`repair_copy` that are in scope."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import (AdapterLogits, Backend, batches, loss_gradient, natural_gradient,
+from lightning_repair.curvature import (AdapterLogits, batches, choose_backend, loss_gradient, natural_gradient,
                                        per_example_gradients)
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
 
@@ -31,19 +31,11 @@ def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence
     """∇ℓ(z; θ̂)ᵀ ``direction`` for every example of ``loader``, from per-example gradients (BackPACK, or
     ``torch.func`` where BackPACK cannot follow the model)."""
     alignments = []
-    backend: Backend | None = None
-    for inputs, labels in batches(progress(loader, "repair: scoring"), model, adapter or BatchAdapter()):
-        grads = None
-        if backend is None:  # BackPACK where it can follow the model, else torch.func: the same numbers
-            try:
-                grads, _ = per_example_gradients(model, inputs, labels, adapter, backend="backpack")
-                backend = "backpack"
-            except (RuntimeError, AssertionError, AttributeError, ValueError, NotImplementedError):
-                for p in model.parameters():
-                    p.grad = None
-                backend = "torch_func"
-        if grads is None:
-            grads, _ = per_example_gradients(model, inputs, labels, adapter, backend=backend)
+    adapter = adapter or BatchAdapter()
+    # BackPACK where its first-order extensions follow the model, else torch.func: the same numbers.
+    backend, _ = choose_backend(model, loader, "empirical", adapter)
+    for inputs, labels in batches(progress(loader, "repair: scoring"), model, adapter):
+        grads, _ = per_example_gradients(model, inputs, labels, adapter, backend=backend)
         alignment = sum((g.flatten(1) * d.flatten()).sum(dim=1) for g, d in zip(grads, direction))
         alignments.append(alignment.detach().cpu())
     return torch.cat(alignments) if alignments else torch.empty(0)

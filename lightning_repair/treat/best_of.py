@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import torch
-
 from lightning_repair.acceptance import Choice, choose
-from lightning_repair.params import detached, trainable
+from lightning_repair.params import assign_, detached, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 
@@ -44,7 +42,7 @@ class BestOf(Treatment):
         parameters = trainable(inputs.model)
         start = detached(parameters)
         for treatment in self.treatments:
-            _place(parameters, start)
+            assign_(parameters, start)
             for label in treatment.candidates(inputs):
                 yield f"{type(treatment).__name__}:{label}"
 
@@ -53,17 +51,11 @@ class BestOf(Treatment):
         start = detached(parameters)
         best, best_parameters, rated = Choice(None, 0.0, 0), start, 0
         for treatment in self.treatments:
-            _place(parameters, start)
+            assign_(parameters, start)
             choice = choose(inputs.model, treatment.candidates(inputs), inputs.judge, treatment.patience)
             rated += choice.rated
             if choice.label is not None and choice.value > best.value:
                 best = Choice(f"{type(treatment).__name__}:{choice.label}", choice.value, 0)
                 best_parameters = detached(parameters)
-        _place(parameters, best_parameters)
+        assign_(parameters, best_parameters)
         return Choice(best.label, best.value, rated)
-
-
-@torch.no_grad()
-def _place(parameters: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-    for parameter, value in zip(parameters, values):
-        parameter.copy_(value)
