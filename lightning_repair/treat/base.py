@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.acceptance import Choice, Judge, choose
 from lightning_repair.adapter import BatchAdapter
+from lightning_repair.method import Method
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class TreatmentInputs:
     seed: int = 0
 
 
-class Treatment(ABC):
+class Treatment(Method, ABC):
     """Moves the model from θ̂ to θ⁻, erasing what it learnt from the causes C.
 
     A treatment only proposes candidates (:meth:`candidates`); :func:`~lightning_repair.acceptance.choose` keeps
@@ -64,7 +65,3 @@ class Treatment(ABC):
     def treat(self, inputs: TreatmentInputs) -> Choice:
         """Leaves ``inputs.model`` at the chosen candidate (θ̂ when none is accepted) and says which it was."""
         return choose(inputs.model, self.candidates(inputs), inputs.judge, self.patience)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
