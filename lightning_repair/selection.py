@@ -6,6 +6,13 @@ import torch
 from torch import Tensor
 
 
+def ranked(scores: Tensor) -> Tensor:
+    """Indices of ``scores`` from the highest score to the lowest, NaN scores (removed examples) left out; equal
+    scores keep their index order."""
+    eligible = torch.nonzero(~torch.isnan(scores)).flatten()
+    return eligible[torch.argsort(scores[eligible], descending=True, stable=True)]
+
+
 def select_causes(scores: Tensor, top_k: int | None = None, top_fraction: float | None = None,
                   threshold: float | None = None) -> Tensor:
     """Dataset indices of the causes C, highest score first. NaN scores (already removed) are never chosen.
@@ -21,8 +28,7 @@ def select_causes(scores: Tensor, top_k: int | None = None, top_fraction: float 
     rules = [rule for rule in (top_k, top_fraction, threshold) if rule is not None]
     if len(rules) != 1:
         raise ValueError("Give exactly one of top_k, top_fraction or threshold to select the causes.")
-    eligible = torch.nonzero(~torch.isnan(scores)).flatten()
-    order = eligible[torch.argsort(scores[eligible], descending=True, stable=True)]
+    order = ranked(scores)
     if threshold is not None:
         return order[scores[order] > threshold]
     count = top_k if top_k is not None else round(top_fraction * len(scores))
