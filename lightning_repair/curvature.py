@@ -100,8 +100,13 @@ def checked_logits(model: nn.Module, inputs: Any, labels: Tensor, adapter: Batch
     return logits
 
 
-def natural_gradient(gradient: Sequence[Tensor], fisher: Sequence[Tensor] | None,
-                     damping: float = 1e-3) -> list[Tensor]:
+FISHER_DAMPING = 1e-3
+"""The default δ of :func:`natural_gradient`, relative to mean(F̂); linear influence and Newton removal take theirs
+from it."""
+
+
+def natural_gradient(gradient: Sequence[Tensor], fisher: Sequence[Tensor] | None, *,
+                     damping: float = FISHER_DAMPING) -> list[Tensor]:
     """(F̂ + δ)⁻¹ g elementwise, with δ = ``damping`` × mean(F̂); g itself when ``fisher`` is None."""
     if fisher is None:
         return list(gradient)

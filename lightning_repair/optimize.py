@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,8 @@ def total_cross_entropy(count: int) -> DataTerm:
 
 def anchored_steps(model: nn.Module, loader: DataLoader, data_term: DataTerm, *,
                    parameters: Sequence[nn.Parameter] | None = None, fisher: Sequence[Tensor] | None = None,
-                   anchor_weight: float = 0.0, l2: float = 0.0, lr: float = 1e-3, max_steps: int = 100,
-                   every: int = 1, adapter: BatchAdapter | None = None) -> Iterator[int]:
+                   anchor_weight: float = 0.0, l2: float = 0.0, lr: float, max_steps: int, every: int = 1,
+                   adapter: BatchAdapter | None = None) -> Iterator[int]:
     """Adam steps on ``parameters`` of ``model``, in place, anchored at their values θ̂ when the walk starts.
 
     Each step minimises  data_term(batch) + c (θ − θ̂)ᵀ diag(F̂)(θ − θ̂) + (λ/2)‖θ − θ̂‖²  on the next batch of
@@ -110,9 +111,23 @@ def accuracy_of(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | No
 STOP_EVERY, STOP_PATIENCE = 5, 4  # early stopping: the held-back failures' loss, checked every 5 steps
 
 
+@dataclass(frozen=True)
+class FitDefaults:
+    """The defaults of θ₊F's fit, written once: :func:`fit_to_failures`, EWC influence and energy alignment's θ₊F
+    all read them from :data:`FIT_DEFAULTS`."""
+
+    l2: float = 0.0
+    lr: float = 1e-3
+    max_steps: int = 100
+
+
+FIT_DEFAULTS = FitDefaults()
+
+
 def fit_to_failures(model: nn.Module, failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
-                    stop_loader: DataLoader | None = None, l2: float = 0.0, lr: float = 1e-3,
-                    max_steps: int = 100, adapter: BatchAdapter | None = None) -> nn.Module:
+                    stop_loader: DataLoader | None = None, *, l2: float = FIT_DEFAULTS.l2,
+                    lr: float = FIT_DEFAULTS.lr, max_steps: int = FIT_DEFAULTS.max_steps,
+                    adapter: BatchAdapter | None = None) -> nn.Module:
     """θ₊F: a copy of ``model`` fitted to the failures under the EWC anchor (N/2) F̂ (``model`` is untouched).
 
     Args:

@@ -112,7 +112,7 @@ def test_linear_influence_is_loss_change_along_natural_gradient_step(model_kind,
     damping = 0.05
     scores = linear_influence(model, train, failures, fisher, damping=damping)
 
-    v = natural_gradient(loss_gradient(model, failures), fisher, damping)
+    v = natural_gradient(loss_gradient(model, failures), fisher, damping=damping)
     assert len(v) == len(trainable(model))
     eps = 1e-4 / float(torch.cat([t.flatten() for t in v]).abs().max())
     before = shifted(model, v, -eps)  # θ̂ − εv: the step that fits the failures

@@ -154,7 +154,7 @@ def test_lissa_approximates_the_inverse_hessian(convex: dict) -> None:
     model = convex["model"]
     vector = loss_gradient(model, _loader(x[CAUSES], y[CAUSES]))  # what Newton removal inverts
     steps, scale, damping = 400, 2.0, 0.01
-    estimate = lissa_inverse_hvp(model, _loader(x[keep], y[keep]), vector, steps, scale, damping)
+    estimate = lissa_inverse_hvp(model, _loader(x[keep], y[keep]), vector, scale=scale, steps=steps, damping=damping)
     # LiSSA inverts the mean-loss Hessian damped by d·s.
     hessian = _hessian(model, x[keep], y[keep], 0.0, reduction="mean")
     exact = torch.linalg.solve(hessian + damping * scale * torch.eye(len(hessian), dtype=hessian.dtype),
@@ -326,7 +326,7 @@ def test_newton_removal_scales_grid_by_n_and_selects_on_query(mislabelled: dict)
     fisher = diagonal_fisher(_copy(mislabelled["model"]), _loader(x, y), kind="exact")
     multipliers = (0.5, 4.0, 32.0, 256.0)
     theta_hat = mislabelled["model"]
-    direction = natural_gradient(loss_gradient(theta_hat, causes), fisher, 1e-3)
+    direction = natural_gradient(loss_gradient(theta_hat, causes), fisher, damping=1e-3)
     accuracies = []
     for multiplier in multipliers:
         stepped = _copy(theta_hat)

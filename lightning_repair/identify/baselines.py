@@ -13,7 +13,7 @@ from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_p
 
 
 @torch.no_grad()
-def training_loss(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None = None,
+def training_loss(model: nn.Module, loader: DataLoader, *, adapter: BatchAdapter | None = None,
                   progress: Progress = no_progress) -> Tensor:
     """r(z) = ℓ(z; θ̂) for every example of ``loader``: flipped labels tend to have high loss until memorised."""
     adapter = adapter or BatchAdapter()
@@ -26,7 +26,7 @@ class TrainingLoss(Scorer):
     """Baseline: rank by the per-example training loss ℓ(z; θ̂); ignores the failures."""
 
     def score(self, inputs: ScoringInputs) -> Tensor:
-        return training_loss(inputs.model, inputs.train, inputs.adapter, inputs.progress)
+        return training_loss(inputs.model, inputs.train, adapter=inputs.adapter, progress=inputs.progress)
 
 
 class RandomScores(Scorer):

@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
-from lightning_repair.optimize import fit_to_failures
-
+from lightning_repair.optimize import FIT_DEFAULTS, fit_to_failures
 
 
 @torch.no_grad()
@@ -35,15 +34,16 @@ def loss_change(before: nn.Module, after: nn.Module, loader: DataLoader, adapter
 
 
 def ewc_influence(model: nn.Module, train_loader: DataLoader, failure_loader: DataLoader,
-                  fisher: Sequence[Tensor] | None, n_train: int, stop_loader: DataLoader | None = None,
-                  l2: float = 0.0, lr: float = 1e-3, max_steps: int = 100, adapter: BatchAdapter | None = None,
-                  progress: Progress = no_progress) -> Tensor:
+                  fisher: Sequence[Tensor] | None, n_train: int, stop_loader: DataLoader | None = None, *,
+                  l2: float = FIT_DEFAULTS.l2, lr: float = FIT_DEFAULTS.lr, max_steps: int = FIT_DEFAULTS.max_steps,
+                  adapter: BatchAdapter | None = None, progress: Progress = no_progress) -> Tensor:
     """EWC influence r(z) = ℓ(z; θ₊F) − ℓ(z; θ̂) of every training example (higher: more likely a cause).
 
     Arguments as in :func:`fit_to_failures`, plus ``train_loader`` (the examples to score, in order) and
     ``progress`` (wraps the pass over it).
     """
-    plus = fit_to_failures(model, failure_loader, fisher, n_train, stop_loader, l2, lr, max_steps, adapter)
+    plus = fit_to_failures(model, failure_loader, fisher, n_train, stop_loader, l2=l2, lr=lr, max_steps=max_steps,
+                           adapter=adapter)
     return loss_change(model, plus, train_loader, adapter, progress)
 
 
@@ -58,12 +58,13 @@ class EWCInfluence(Scorer):
 
     needs_fisher = True
 
-    def __init__(self, lr: float = 1e-3, max_steps: int = 100, l2: float = 0.0) -> None:
+    def __init__(self, lr: float = FIT_DEFAULTS.lr, max_steps: int = FIT_DEFAULTS.max_steps,
+                 l2: float = FIT_DEFAULTS.l2) -> None:
         if lr <= 0 or max_steps < 1 or l2 < 0:
             raise ValueError(f"EWCInfluence needs lr > 0, max_steps ≥ 1 and l2 ≥ 0; got {lr}, {max_steps}, {l2}.")
         self.lr, self.max_steps, self.l2 = lr, max_steps, l2
 
     def score(self, inputs: ScoringInputs) -> Tensor:
         fit = inputs.query if inputs.query_fit is None else inputs.query_fit  # F_q without the early-stop part
-        return ewc_influence(inputs.model, inputs.train, fit, inputs.fisher, inputs.n_train, inputs.stop,
-                             self.l2, self.lr, self.max_steps, inputs.adapter, inputs.progress)
+        return ewc_influence(inputs.model, inputs.train, fit, inputs.fisher, inputs.n_train, inputs.stop, l2=self.l2,
+                             lr=self.lr, max_steps=self.max_steps, adapter=inputs.adapter, progress=inputs.progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,12 +19,24 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import (AdapterLogits, batches, choose_backend, loss_gradient, natural_gradient,
-                                       per_example_gradients)
+from lightning_repair.curvature import (FISHER_DAMPING, AdapterLogits, batches, choose_backend, loss_gradient,
+                                       natural_gradient, per_example_gradients)
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
 
 ScoringMethod = Literal["jvp", "backpack"]
 SCORING_METHODS = ("jvp", "backpack")
+
+
+@dataclass(frozen=True)
+class LinearInfluenceDefaults:
+    """The defaults of linear influence and gradient dot, written once for their classes and
+    :func:`linear_influence`."""
+
+    damping: float = FISHER_DAMPING
+    method: ScoringMethod = "jvp"
+
+
+DEFAULTS = LinearInfluenceDefaults()
 
 
 def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor],
@@ -105,8 +118,8 @@ def directional_derivatives(model: nn.Module, loader: DataLoader, direction: Seq
     return torch.cat(derivatives).cpu()
 
 
-def _alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor], adapter: BatchAdapter | None = None,
-               progress: Progress = no_progress, method: ScoringMethod = "jvp") -> Tensor:
+def _alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor], *, method: ScoringMethod,
+               adapter: BatchAdapter | None, progress: Progress) -> Tensor:
     """∇ℓ(z; θ̂)ᵀ ``direction`` for every example of ``loader`` by ``method``.
 
     ``"jvp"``: :func:`directional_derivatives`, about one forward pass; if the model uses an operation without a
@@ -125,8 +138,9 @@ def _alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor]
 
 
 def linear_influence(model: nn.Module, train_loader: DataLoader, failure_loader: DataLoader,
-                     fisher: Sequence[Tensor] | None, damping: float = 1e-3, adapter: BatchAdapter | None = None,
-                     progress: Progress = no_progress, method: ScoringMethod = "jvp") -> Tensor:
+                     fisher: Sequence[Tensor] | None, *, damping: float = DEFAULTS.damping,
+                     method: ScoringMethod = DEFAULTS.method, adapter: BatchAdapter | None = None,
+                     progress: Progress = no_progress) -> Tensor:
     """Linear influence r(z) = −∇ℓ(z)ᵀ (F̂ + δ)⁻¹ g_F of every training example on the failures.
 
     Args:
@@ -135,17 +149,17 @@ def linear_influence(model: nn.Module, train_loader: DataLoader, failure_loader:
         failure_loader: the failures F_q.
         fisher: the diagonal Fisher F̂ per trainable parameter; None uses the identity (gradient dot, TracIn).
         damping: δ relative to the mean of F̂.
-        adapter: how to read batches and logits.
-        progress: wraps the pass over ``train_loader``.
         method: ``"jvp"`` (default): forward-mode directional derivatives, about one forward pass over the
             training set, falling back to ``"backpack"`` with a warning if the model has an operation without a
             forward-mode derivative; ``"backpack"``: BackPACK per-example gradients. Both give the same scores.
+        adapter: how to read batches and logits.
+        progress: wraps the pass over ``train_loader``.
 
     Returns:
         One score per training example (higher: more likely a cause).
     """
-    direction = natural_gradient(loss_gradient(model, failure_loader, adapter), fisher, damping)
-    return -_alignment(model, train_loader, direction, adapter, progress, method)
+    direction = natural_gradient(loss_gradient(model, failure_loader, adapter), fisher, damping=damping)
+    return -_alignment(model, train_loader, direction, method=method, adapter=adapter, progress=progress)
 
 
 class LinearInfluence(Scorer):
@@ -160,7 +174,7 @@ class LinearInfluence(Scorer):
 
     needs_fisher = True
 
-    def __init__(self, damping: float = 1e-3, method: ScoringMethod = "jvp") -> None:
+    def __init__(self, damping: float = DEFAULTS.damping, method: ScoringMethod = DEFAULTS.method) -> None:
         if damping <= 0:
             raise ValueError(f"damping must be > 0, got {damping}.")
         _check_method(method)
@@ -168,8 +182,8 @@ class LinearInfluence(Scorer):
         self.method = method
 
     def score(self, inputs: ScoringInputs) -> Tensor:
-        return linear_influence(inputs.model, inputs.train, inputs.query, inputs.fisher, self.damping,
-                                inputs.adapter, inputs.progress, self.method)
+        return linear_influence(inputs.model, inputs.train, inputs.query, inputs.fisher, damping=self.damping,
+                                method=self.method, adapter=inputs.adapter, progress=inputs.progress)
 
 
 class GradientDot(Scorer):
@@ -181,13 +195,13 @@ class GradientDot(Scorer):
             :class:`LinearInfluence`.
     """
 
-    def __init__(self, method: ScoringMethod = "jvp") -> None:
+    def __init__(self, method: ScoringMethod = DEFAULTS.method) -> None:
         _check_method(method)
         self.method = method
 
     def score(self, inputs: ScoringInputs) -> Tensor:
-        return linear_influence(inputs.model, inputs.train, inputs.query, None, adapter=inputs.adapter,
-                                progress=inputs.progress, method=self.method)
+        return linear_influence(inputs.model, inputs.train, inputs.query, None, method=self.method,
+                                adapter=inputs.adapter, progress=inputs.progress)
 
 
 def _check_method(method: str) -> None:

@@ -10,7 +10,8 @@ label argmax ỹ instead.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,12 +21,32 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_repair.acceptance import Choice, Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits, endless, model_device
-from lightning_repair.optimize import fit_to_failures
+from lightning_repair.optimize import FIT_DEFAULTS, fit_to_failures
 from lightning_repair.params import finetune_parameters
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 AlignmentMode = Literal["soft", "relabel"]
 ALIGNMENT_MODES = ("soft", "relabel")
+
+
+@dataclass(frozen=True)
+class EnergyAlignmentDefaults:
+    """The defaults of energy alignment, written once for :class:`EnergyAlignment`, :func:`energy_alignment`,
+    :func:`energy_alignment_candidates`, :func:`aligned_causes` and :func:`align_inputs`; θ₊F's fit takes
+    :data:`~lightning_repair.optimize.FIT_DEFAULTS`."""
+
+    step_size: float = 0.1
+    steps: int = 10
+    mode: AlignmentMode = "soft"
+    finetune_modules: Sequence[str] | Literal["all"] | None = None
+    finetune_steps: int = 100
+    lr: float = 1e-3
+    fit_lr: float = FIT_DEFAULTS.lr
+    fit_steps: int = FIT_DEFAULTS.max_steps
+    eval_every: int = 10
+
+
+DEFAULTS = EnergyAlignmentDefaults()
 
 
 def energy(model: nn.Module, inputs: Tensor, adapter: BatchAdapter | None = None) -> Tensor:
@@ -47,8 +68,8 @@ def energy_gradient(model: nn.Module, inputs: Tensor, adapter: BatchAdapter | No
     return gradient
 
 
-def align_inputs(model: nn.Module, inputs: Tensor, step_size: float = 0.1, steps: int = 10,
-                 adapter: BatchAdapter | None = None) -> Tensor:
+def align_inputs(model: nn.Module, inputs: Tensor, *, step_size: float = DEFAULTS.step_size,
+                 steps: int = DEFAULTS.steps, adapter: BatchAdapter | None = None) -> Tensor:
     """x̃ after ``steps`` steps of x̃ ← x̃ − η ∇_x E(x̃) from x̃ = x, as a new tensor (``inputs`` is untouched).
 
     Args:
@@ -73,8 +94,9 @@ def soft_labels(model: nn.Module, inputs: Tensor, adapter: BatchAdapter | None =
     return F.softmax(adapter.logits(model, inputs), dim=1)
 
 
-def aligned_causes(model: nn.Module, cause_loader: DataLoader, step_size: float = 0.1, steps: int = 10,
-                   mode: AlignmentMode = "soft", adapter: BatchAdapter | None = None) -> tuple[Tensor, Tensor]:
+def aligned_causes(model: nn.Module, cause_loader: DataLoader, *, step_size: float = DEFAULTS.step_size,
+                   steps: int = DEFAULTS.steps, mode: AlignmentMode = DEFAULTS.mode,
+                   adapter: BatchAdapter | None = None) -> tuple[Tensor, Tensor]:
     """The causes' training examples under alignment, on the CPU, in ``cause_loader``'s order.
 
     Args:
@@ -93,7 +115,7 @@ def aligned_causes(model: nn.Module, cause_loader: DataLoader, step_size: float 
     for x, labels in batches(cause_loader, model, adapter):
         _check_floating(x)
         checked_logits(model, x, labels, adapter)  # the causes' labels must index the model's classes
-        x_aligned = align_inputs(model, x, step_size, steps, adapter)
+        x_aligned = align_inputs(model, x, step_size=step_size, steps=steps, adapter=adapter)
         y_soft = soft_labels(model, x_aligned, adapter)
         if mode == "soft":
             inputs.append(x_aligned.cpu())
@@ -107,11 +129,13 @@ def aligned_causes(model: nn.Module, cause_loader: DataLoader, step_size: float 
 
 
 def energy_alignment_candidates(model: nn.Module, cause_loader: DataLoader, kept_loader: DataLoader,
-                                failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
-                                step_size: float = 0.1, steps: int = 10, mode: AlignmentMode = "soft",
-                                finetune_modules: Sequence[str] | Literal["all"] | None = None,
-                                finetune_steps: int = 100, lr: float = 1e-3, fit_lr: float = 1e-3,
-                                fit_steps: int = 100, eval_every: int = 10, seed: int = 0,
+                                failure_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int, *,
+                                step_size: float = DEFAULTS.step_size, steps: int = DEFAULTS.steps,
+                                mode: AlignmentMode = DEFAULTS.mode,
+                                finetune_modules: Sequence[str] | Literal["all"] | None = DEFAULTS.finetune_modules,
+                                finetune_steps: int = DEFAULTS.finetune_steps, lr: float = DEFAULTS.lr,
+                                fit_lr: float = DEFAULTS.fit_lr, fit_steps: int = DEFAULTS.fit_steps,
+                                eval_every: int = DEFAULTS.eval_every, seed: int = 0,
                                 adapter: BatchAdapter | None = None) -> Iterator[int]:
     """Aligns the causes under θ₊F and fine-tunes ``model`` in place on (D \\ C) ∪ {(x̃_c, ỹ_c)}, yielding the
     step every ``eval_every`` steps and after the last: the candidates the acceptance rule chooses among.
@@ -145,7 +169,8 @@ def energy_alignment_candidates(model: nn.Module, cause_loader: DataLoader, kept
     adapter = adapter or BatchAdapter()
     parameters = finetune_parameters(model, finetune_modules)
     plus = fit_to_failures(model, failure_loader, fisher, n_train, lr=fit_lr, max_steps=fit_steps, adapter=adapter)
-    cause_inputs, cause_targets = aligned_causes(plus, cause_loader, step_size, steps, mode, adapter)
+    cause_inputs, cause_targets = aligned_causes(plus, cause_loader, step_size=step_size, steps=steps, mode=mode,
+                                                 adapter=adapter)
     del plus
     n_causes, n_kept = len(cause_inputs), len(kept_loader.dataset)
     if n_causes + n_kept == 0:
@@ -183,15 +208,24 @@ def energy_alignment_candidates(model: nn.Module, cause_loader: DataLoader, kept
 
 def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: DataLoader,
                      failure_loader: DataLoader, judge: Judge | DataLoader, fisher: Sequence[Tensor] | None,
-                     n_train: int, **options: Any) -> Choice:
+                     n_train: int, *, step_size: float = DEFAULTS.step_size, steps: int = DEFAULTS.steps,
+                     mode: AlignmentMode = DEFAULTS.mode,
+                     finetune_modules: Sequence[str] | Literal["all"] | None = DEFAULTS.finetune_modules,
+                     finetune_steps: int = DEFAULTS.finetune_steps, lr: float = DEFAULTS.lr,
+                     fit_lr: float = DEFAULTS.fit_lr, fit_steps: int = DEFAULTS.fit_steps,
+                     eval_every: int = DEFAULTS.eval_every, seed: int = 0,
+                     adapter: BatchAdapter | None = None) -> Choice:
     """Energy alignment of ``model`` in place, keeping the fine-tune step the judge accepts best (θ̂ if none).
 
-    ``judge`` is the acceptance rule's judge, or a loader whose accuracy judges (e.g. F_q); ``options`` are the
-    keyword arguments of :func:`energy_alignment_candidates`.
+    ``judge`` is the acceptance rule's judge, or a loader whose accuracy judges (e.g. F_q); the other arguments
+    are those of :func:`energy_alignment_candidates`.
     """
-    judge = as_judge(judge, model, options.get("adapter"))
-    return choose(model, energy_alignment_candidates(model, cause_loader, kept_loader, failure_loader, fisher,
-                                                     n_train, **options), judge)
+    judge = as_judge(judge, model, adapter)
+    candidates = energy_alignment_candidates(
+        model, cause_loader, kept_loader, failure_loader, fisher, n_train, step_size=step_size, steps=steps,
+        mode=mode, finetune_modules=finetune_modules, finetune_steps=finetune_steps, lr=lr, fit_lr=fit_lr,
+        fit_steps=fit_steps, eval_every=eval_every, seed=seed, adapter=adapter)
+    return choose(model, candidates, judge)
 
 
 class EnergyAlignment(Treatment):
@@ -215,9 +249,12 @@ class EnergyAlignment(Treatment):
 
     needs_fisher = True
 
-    def __init__(self, step_size: float = 0.1, steps: int = 10, mode: AlignmentMode = "soft",
-                 finetune_modules: list[str] | Literal["all"] | None = None, finetune_steps: int = 100,
-                 lr: float = 1e-3, fit_lr: float = 1e-3, fit_steps: int = 100, eval_every: int = 10) -> None:
+    def __init__(self, step_size: float = DEFAULTS.step_size, steps: int = DEFAULTS.steps,
+                 mode: AlignmentMode = DEFAULTS.mode,
+                 finetune_modules: list[str] | Literal["all"] | None = DEFAULTS.finetune_modules,
+                 finetune_steps: int = DEFAULTS.finetune_steps, lr: float = DEFAULTS.lr,
+                 fit_lr: float = DEFAULTS.fit_lr, fit_steps: int = DEFAULTS.fit_steps,
+                 eval_every: int = DEFAULTS.eval_every) -> None:
         _check_mode(mode)
         _check_alignment(step_size, steps)
         if finetune_steps < 1 or lr <= 0 or fit_lr <= 0 or fit_steps < 1 or eval_every < 1:

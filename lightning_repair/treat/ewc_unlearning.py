@@ -16,6 +16,7 @@ Every ``eval_every`` steps the model is a candidate, and the acceptance rule pic
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,6 +31,23 @@ from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 Objective = Literal["unlikelihood", "ascent"]
 OBJECTIVES = ("unlikelihood", "ascent")
+
+
+@dataclass(frozen=True)
+class EWCUnlearningDefaults:
+    """The defaults of EWC deletion, written once for :class:`EWCUnlearning`, :func:`ewc_unlearning` and
+    :func:`ewc_unlearning_candidates`."""
+
+    objective: Objective = "unlikelihood"
+    gamma: float = 0.1
+    lr: float = 1e-3
+    max_steps: int = 100
+    eval_every: int = 2
+    patience: int = 5
+    modules: Sequence[str] | Literal["all"] | None = None
+
+
+DEFAULTS = EWCUnlearningDefaults()
 
 
 def unlikelihood(logits: Tensor, labels: Tensor) -> Tensor:
@@ -48,9 +66,10 @@ def unlearning_term(objective: Objective, n_causes: int) -> DataTerm:
 
 
 def ewc_unlearning_candidates(model: nn.Module, cause_loader: DataLoader, fisher: Sequence[Tensor], *,
-                              objective: Objective = "unlikelihood", gamma: float = 0.1, lr: float = 1e-3,
-                              max_steps: int = 100, eval_every: int = 2,
-                              modules: Sequence[str] | Literal["all"] | None = None,
+                              objective: Objective = DEFAULTS.objective, gamma: float = DEFAULTS.gamma,
+                              lr: float = DEFAULTS.lr, max_steps: int = DEFAULTS.max_steps,
+                              eval_every: int = DEFAULTS.eval_every,
+                              modules: Sequence[str] | Literal["all"] | None = DEFAULTS.modules,
                               adapter: BatchAdapter | None = None) -> Iterator[int]:
     """Adam steps of EWC deletion on ``model`` in place, yielding the step every ``eval_every`` steps.
 
@@ -75,9 +94,10 @@ def ewc_unlearning_candidates(model: nn.Module, cause_loader: DataLoader, fisher
 
 
 def ewc_unlearning(model: nn.Module, cause_loader: DataLoader, judge: Judge | DataLoader,
-                   fisher: Sequence[Tensor], *, objective: Objective = "unlikelihood", gamma: float = 0.1,
-                   lr: float = 1e-3, max_steps: int = 100, eval_every: int = 2, patience: int | None = 5,
-                   modules: Sequence[str] | Literal["all"] | None = None,
+                   fisher: Sequence[Tensor], *, objective: Objective = DEFAULTS.objective,
+                   gamma: float = DEFAULTS.gamma, lr: float = DEFAULTS.lr, max_steps: int = DEFAULTS.max_steps,
+                   eval_every: int = DEFAULTS.eval_every, patience: int | None = DEFAULTS.patience,
+                   modules: Sequence[str] | Literal["all"] | None = DEFAULTS.modules,
                    adapter: BatchAdapter | None = None) -> Choice:
     """Unlearns the causes from ``model`` in place and keeps the step the judge accepts best (θ̂ if none).
 
@@ -109,9 +129,10 @@ class EWCUnlearning(Treatment):
 
     needs_fisher = True
 
-    def __init__(self, objective: Objective = "unlikelihood", gamma: float = 0.1, lr: float = 1e-3,
-                 max_steps: int = 100, eval_every: int = 2, patience: int = 5,
-                 modules: list[str] | Literal["all"] | None = None) -> None:
+    def __init__(self, objective: Objective = DEFAULTS.objective, gamma: float = DEFAULTS.gamma,
+                 lr: float = DEFAULTS.lr, max_steps: int = DEFAULTS.max_steps, eval_every: int = DEFAULTS.eval_every,
+                 patience: int = DEFAULTS.patience, modules: list[str] | Literal["all"] | None = DEFAULTS.modules
+                 ) -> None:
         _check(objective, gamma, lr, max_steps, eval_every)
         if patience < 1:
             raise ValueError(f"EWCUnlearning needs patience ≥ 1, got {patience}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -13,8 +14,22 @@ from lightning_repair.optimize import anchored_steps, mean_cross_entropy
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 
-def finetune_candidates(model: nn.Module, kept_loader: DataLoader, steps: int = 100, lr: float = 1e-3,
-                        eval_every: int = 10, adapter: BatchAdapter | None = None) -> Iterator[int]:
+@dataclass(frozen=True)
+class FinetuneDefaults:
+    """The defaults of fine-tuning, written once for :class:`Finetune`, :func:`finetune` and
+    :func:`finetune_candidates`."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    eval_every: int = 10
+
+
+DEFAULTS = FinetuneDefaults()
+
+
+def finetune_candidates(model: nn.Module, kept_loader: DataLoader, *, steps: int = DEFAULTS.steps,
+                        lr: float = DEFAULTS.lr, eval_every: int = DEFAULTS.eval_every,
+                        adapter: BatchAdapter | None = None) -> Iterator[int]:
     """Adam steps on D \\ C (``kept_loader``, shuffled), yielding every ``eval_every`` steps and after the last."""
     last = 0
     for last in anchored_steps(model, kept_loader, mean_cross_entropy, lr=lr, max_steps=steps, every=1,
@@ -23,8 +38,9 @@ def finetune_candidates(model: nn.Module, kept_loader: DataLoader, steps: int = 
             yield last
 
 
-def finetune(model: nn.Module, kept_loader: DataLoader, judge: Judge | DataLoader, steps: int = 100,
-             lr: float = 1e-3, eval_every: int = 10, adapter: BatchAdapter | None = None) -> Choice:
+def finetune(model: nn.Module, kept_loader: DataLoader, judge: Judge | DataLoader, *, steps: int = DEFAULTS.steps,
+             lr: float = DEFAULTS.lr, eval_every: int = DEFAULTS.eval_every,
+             adapter: BatchAdapter | None = None) -> Choice:
     """Fine-tunes ``model`` in place on D \\ C and keeps the step ``judge`` accepts best (θ̂ if none).
 
     Args:
@@ -37,7 +53,8 @@ def finetune(model: nn.Module, kept_loader: DataLoader, judge: Judge | DataLoade
         adapter: how to read batches and logits.
     """
     judge = as_judge(judge, model, adapter)
-    return choose(model, finetune_candidates(model, kept_loader, steps, lr, eval_every, adapter), judge)
+    candidates = finetune_candidates(model, kept_loader, steps=steps, lr=lr, eval_every=eval_every, adapter=adapter)
+    return choose(model, candidates, judge)
 
 
 class Finetune(Treatment):
@@ -49,7 +66,8 @@ class Finetune(Treatment):
         eval_every: steps between the candidates the judge rates.
     """
 
-    def __init__(self, steps: int = 100, lr: float = 1e-3, eval_every: int = 10) -> None:
+    def __init__(self, steps: int = DEFAULTS.steps, lr: float = DEFAULTS.lr, eval_every: int = DEFAULTS.eval_every
+                 ) -> None:
         if steps < 1 or lr <= 0 or eval_every < 1:
             raise ValueError(f"Finetune needs steps ≥ 1, lr > 0 and eval_every ≥ 1, got {steps}, {lr}, {eval_every}. "
                              "A round is kept only when its treatment raises validation accuracy, so a fine-tune of "
@@ -57,4 +75,5 @@ class Finetune(Treatment):
         self.steps, self.lr, self.eval_every = steps, lr, eval_every
 
     def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
-        return finetune_candidates(inputs.model, inputs.kept, self.steps, self.lr, self.eval_every, inputs.adapter)
+        return finetune_candidates(inputs.model, inputs.kept, steps=self.steps, lr=self.lr, eval_every=self.eval_every,
+                                   adapter=inputs.adapter)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -22,23 +23,41 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.acceptance import Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import batches, checked_logits, endless, loss_gradient, natural_gradient
+from lightning_repair.curvature import FISHER_DAMPING, batches, checked_logits, endless, loss_gradient, natural_gradient
 from lightning_repair.params import detached, dot, finetune_parameters, moving_only, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 InverseHVP = Callable[[list[Tensor]], list[Tensor]]
 """Maps g, one tensor per trainable parameter, to H⁻¹ g with H the Hessian of the mean training loss."""
 
+Inverse = Literal["diagonal", "lissa"]
 INVERSES = ("diagonal", "lissa")
 Step = Literal["kept_loss", "influence"]
 STEPS = ("kept_loss", "influence")
-GAMMA_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # around the nominal γN = 1
 SCALE_OVER_EIGENVALUE = 2.0  # LiSSA's scale over the mean Hessian's |λ|_max: batch Hessians reach further
 MIN_SCALE = 1e-3
 
 
-def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Tensor], steps: int = 200,
-                      scale: float = 25.0, damping: float = 0.01,
+@dataclass(frozen=True)
+class NewtonRemovalDefaults:
+    """The defaults of Newton removal, written once for :class:`NewtonRemoval`, :func:`newton_removal`,
+    :func:`newton_candidates` and :func:`lissa_inverse_hvp`."""
+
+    damping: float = FISHER_DAMPING
+    gamma_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # around the nominal γN = 1
+    inverse: Inverse = "lissa"
+    lissa_steps: int = 300
+    lissa_scale: float | None = None
+    lissa_damping: float = 0.01
+    step: Step = "kept_loss"
+    modules: Sequence[str] | Literal["all"] | None = "all"
+
+
+DEFAULTS = NewtonRemovalDefaults()
+
+
+def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Tensor], *, scale: float,
+                      steps: int = DEFAULTS.lissa_steps, damping: float = DEFAULTS.lissa_damping,
                       adapter: BatchAdapter | None = None) -> list[Tensor]:
     """LiSSA estimate of H⁻¹ v, H the Hessian of the mean cross-entropy over ``loader``.
 
@@ -50,8 +69,9 @@ def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Ten
         model: the classifier at θ̂; only its trainable parameters enter H.
         loader: the examples whose mean loss H is the Hessian of (D \\ C for Newton removal).
         vector: v, one tensor per trainable parameter.
+        scale: s; must exceed half the largest eigenvalue of H, or the recursion diverges
+            (:func:`largest_eigenvalue` finds it).
         steps: recursion steps; the error shrinks like (1 − d − λ_min(H)/s)^steps.
-        scale: s; must exceed half the largest eigenvalue of H, or the recursion diverges.
         damping: d in [0, 1).
         adapter: how to read batches and logits.
     """
@@ -71,7 +91,7 @@ def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Ten
     return result
 
 
-def largest_eigenvalue(model: nn.Module, loader: DataLoader, iterations: int = 20, batches_used: int = 4,
+def largest_eigenvalue(model: nn.Module, loader: DataLoader, *, iterations: int = 20, batches_used: int = 4,
                        seed: int = 0, adapter: BatchAdapter | None = None) -> float:
     """|λ|_max of the Hessian of the mean cross-entropy over the first ``batches_used`` batches, by power iteration.
 
@@ -98,12 +118,12 @@ def largest_eigenvalue(model: nn.Module, loader: DataLoader, iterations: int = 2
 
 
 def newton_candidates(model: nn.Module, cause_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
-                      *, kept_loader: DataLoader | None = None, damping: float = 1e-3,
-                      gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
-                      inverse: Literal["diagonal", "lissa"] | InverseHVP = "lissa", lissa_steps: int = 300,
-                      lissa_scale: float | None = None, lissa_damping: float = 0.01, step: Step = "kept_loss",
-                      modules: Sequence[str] | Literal["all"] | None = "all", seed: int = 0,
-                      adapter: BatchAdapter | None = None) -> Iterator[float]:
+                      *, kept_loader: DataLoader | None = None, damping: float = DEFAULTS.damping,
+                      gamma_multipliers: Sequence[float] = DEFAULTS.gamma_multipliers,
+                      inverse: Inverse | InverseHVP = DEFAULTS.inverse, lissa_steps: int = DEFAULTS.lissa_steps,
+                      lissa_scale: float | None = DEFAULTS.lissa_scale, lissa_damping: float = DEFAULTS.lissa_damping,
+                      step: Step = DEFAULTS.step, modules: Sequence[str] | Literal["all"] | None = DEFAULTS.modules,
+                      seed: int = 0, adapter: BatchAdapter | None = None) -> Iterator[float]:
     """Places ``model`` at θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂) for each γ = m / N, m in ``gamma_multipliers`` (ascending),
     yielding γ. Arguments as in :func:`newton_removal`."""
     _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping, step)
@@ -114,14 +134,16 @@ def newton_candidates(model: nn.Module, cause_loader: DataLoader, fisher: Sequen
         fisher_of = {id(p): f for p, f in zip(trainable(model), fisher)}
         fisher = [fisher_of[id(p)] for p in moving]
     with moving_only(model, moving):
-        yield from _newton_steps(model, cause_loader, fisher, n_train, kept_loader, damping, gamma_multipliers,
-                                 inverse, lissa_steps, lissa_scale, lissa_damping, step, seed, adapter)
+        yield from _newton_steps(model, cause_loader, fisher, n_train, kept_loader=kept_loader, damping=damping,
+                                 gamma_multipliers=gamma_multipliers, inverse=inverse, lissa_steps=lissa_steps,
+                                 lissa_scale=lissa_scale, lissa_damping=lissa_damping, step=step, seed=seed,
+                                 adapter=adapter)
 
 
-def _newton_steps(model: nn.Module, cause_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int,
+def _newton_steps(model: nn.Module, cause_loader: DataLoader, fisher: Sequence[Tensor] | None, n_train: int, *,
                   kept_loader: DataLoader | None, damping: float, gamma_multipliers: Sequence[float],
-                  inverse: Literal["diagonal", "lissa"] | InverseHVP, lissa_steps: int, lissa_scale: float | None,
-                  lissa_damping: float, step: Step, seed: int, adapter: BatchAdapter | None) -> Iterator[float]:
+                  inverse: Inverse | InverseHVP, lissa_steps: int, lissa_scale: float | None, lissa_damping: float,
+                  step: Step, seed: int, adapter: BatchAdapter | None) -> Iterator[float]:
     """:func:`newton_candidates` over the model's trainable parameters."""
     if step == "kept_loss":
         if kept_loader is None:
@@ -134,15 +156,15 @@ def _newton_steps(model: nn.Module, cause_loader: DataLoader, fisher: Sequence[T
     elif inverse == "diagonal":
         if fisher is None:
             raise ValueError('inverse="diagonal" needs the diagonal Fisher; pass `fisher` or use inverse="lissa".')
-        direction = natural_gradient(gradient, fisher, damping)
+        direction = natural_gradient(gradient, fisher, damping=damping)
     else:
         if kept_loader is None:
             raise ValueError('inverse="lissa" needs `kept_loader` (D \\ C), whose Hessian it inverts.')
         if lissa_scale is None:
             lissa_scale = max(SCALE_OVER_EIGENVALUE * largest_eigenvalue(model, kept_loader, seed=seed,
                                                                          adapter=adapter), MIN_SCALE)
-        direction = lissa_inverse_hvp(model, kept_loader, gradient, lissa_steps, lissa_scale, lissa_damping,
-                                      adapter)
+        direction = lissa_inverse_hvp(model, kept_loader, gradient, scale=lissa_scale, steps=lissa_steps,
+                                      damping=lissa_damping, adapter=adapter)
     parameters = trainable(model)
     start = detached(parameters)
     for multiplier in sorted(gamma_multipliers):
@@ -178,11 +200,11 @@ def choose_step_size(model: nn.Module, direction: Sequence[Tensor], gammas: Iter
 
 def newton_removal(model: nn.Module, cause_loader: DataLoader, judge: Judge | DataLoader | None,
                    fisher: Sequence[Tensor] | None, n_train: int, *, kept_loader: DataLoader | None = None,
-                   damping: float = 1e-3, gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
-                   inverse: Literal["diagonal", "lissa"] | InverseHVP = "lissa", lissa_steps: int = 300,
-                   lissa_scale: float | None = None, lissa_damping: float = 0.01, step: Step = "kept_loss",
-                   modules: Sequence[str] | Literal["all"] | None = "all", seed: int = 0,
-                   adapter: BatchAdapter | None = None) -> float:
+                   damping: float = DEFAULTS.damping, gamma_multipliers: Sequence[float] = DEFAULTS.gamma_multipliers,
+                   inverse: Inverse | InverseHVP = DEFAULTS.inverse, lissa_steps: int = DEFAULTS.lissa_steps,
+                   lissa_scale: float | None = DEFAULTS.lissa_scale, lissa_damping: float = DEFAULTS.lissa_damping,
+                   step: Step = DEFAULTS.step, modules: Sequence[str] | Literal["all"] | None = DEFAULTS.modules,
+                   seed: int = 0, adapter: BatchAdapter | None = None) -> float:
     """Removes the causes from ``model`` in place by θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂); returns γ (0.0: θ̂ kept).
 
     Args:
@@ -233,12 +255,16 @@ class NewtonRemoval(Treatment):
         lissa_steps: LiSSA recursion steps, one Hessian-vector product on one batch of D \\ C each.
         lissa_scale: LiSSA's scale s; None (default): twice the largest Hessian eigenvalue (power iteration).
         lissa_damping: LiSSA's damping d in [0, 1); H is damped by d·s.
+        step: ``"kept_loss"``: a Newton step on the loss of D \\ C; ``"influence"``: the paper's γ H⁻¹ Σ_C ∇ℓ(c).
+        modules: layers that move: ``"all"``, every parameter in the repair scope; None, the last ``nn.Linear``;
+            or module names.
     """
 
-    def __init__(self, damping: float = 1e-3, gamma_multipliers: Sequence[float] = GAMMA_MULTIPLIERS,
-                 inverse: Literal["diagonal", "lissa"] = "lissa", lissa_steps: int = 300,
-                 lissa_scale: float | None = None, lissa_damping: float = 0.01, step: Step = "kept_loss",
-                 modules: list[str] | Literal["all"] | None = "all") -> None:
+    def __init__(self, damping: float = DEFAULTS.damping,
+                 gamma_multipliers: Sequence[float] = DEFAULTS.gamma_multipliers, inverse: Inverse = DEFAULTS.inverse,
+                 lissa_steps: int = DEFAULTS.lissa_steps, lissa_scale: float | None = DEFAULTS.lissa_scale,
+                 lissa_damping: float = DEFAULTS.lissa_damping, step: Step = DEFAULTS.step,
+                 modules: list[str] | Literal["all"] | None = DEFAULTS.modules) -> None:
         if callable(inverse):
             raise ValueError('NewtonRemoval takes inverse="diagonal" or "lissa"; pass a callable to '
                              "`newton_removal` instead.")
@@ -261,8 +287,7 @@ class NewtonRemoval(Treatment):
                                  damping=self.damping, gamma_multipliers=self.gamma_multipliers,
                                  inverse=self.inverse, lissa_steps=self.lissa_steps, lissa_scale=self.lissa_scale,
                                  lissa_damping=self.lissa_damping, step=self.step, modules=self.modules,
-                                 seed=inputs.seed,
-                                 adapter=inputs.adapter)
+                                 seed=inputs.seed, adapter=inputs.adapter)
 
 
 def _check_arguments(damping: float, gamma_multipliers: Sequence[float], inverse: str | InverseHVP,

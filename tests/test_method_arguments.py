@@ -1,0 +1,89 @@
+"""How the methods take their hyperparameters: by keyword only, each default written once, none repeated in configs/."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_repair.curvature import natural_gradient
+from lightning_repair.identify import (EWCInfluence, GradientDot, LinearInfluence, ewc_influence, linear_influence,
+                                       training_loss)
+from lightning_repair.optimize import fit_to_failures
+from lightning_repair.treat import (EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval, energy_alignment,
+                                    ewc_unlearning, finetune, newton_removal)
+from lightning_repair.treat.energy import align_inputs, aligned_causes, energy_alignment_candidates
+from lightning_repair.treat.ewc_unlearning import ewc_unlearning_candidates
+from lightning_repair.treat.finetune import finetune_candidates
+from lightning_repair.treat.newton import lissa_inverse_hvp, newton_candidates
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Each function whose hyperparameters are a class's, with {its argument: the class's argument}; None: every
+# argument of the class, under the same name.
+SHARED_DEFAULTS = [
+    (ewc_influence, EWCInfluence, None),
+    (fit_to_failures, EWCInfluence, None),
+    (linear_influence, LinearInfluence, None),
+    (linear_influence, GradientDot, None),
+    (natural_gradient, LinearInfluence, {"damping": "damping"}),
+    (finetune, Finetune, None),
+    (finetune_candidates, Finetune, None),
+    (ewc_unlearning, EWCUnlearning, None),
+    (ewc_unlearning_candidates, EWCUnlearning,
+     {name: name for name in ("objective", "gamma", "lr", "max_steps", "eval_every", "modules")}),
+    (newton_removal, NewtonRemoval, None),
+    (newton_candidates, NewtonRemoval, None),
+    (natural_gradient, NewtonRemoval, {"damping": "damping"}),
+    (lissa_inverse_hvp, NewtonRemoval, {"steps": "lissa_steps", "damping": "lissa_damping"}),
+    (energy_alignment, EnergyAlignment, None),
+    (energy_alignment_candidates, EnergyAlignment, None),
+    (aligned_causes, EnergyAlignment, {"step_size": "step_size", "steps": "steps", "mode": "mode"}),
+    (align_inputs, EnergyAlignment, {"step_size": "step_size", "steps": "steps"}),
+    (fit_to_failures, EnergyAlignment, {"lr": "fit_lr", "max_steps": "fit_steps"}),
+]
+
+# Each method function and how many data arguments it takes by position.
+DATA_ARGUMENTS = [
+    (ewc_influence, 6), (linear_influence, 4), (training_loss, 2), (fit_to_failures, 5), (finetune, 3),
+    (finetune_candidates, 2), (ewc_unlearning, 4), (ewc_unlearning_candidates, 3), (newton_removal, 5),
+    (newton_candidates, 4), (energy_alignment, 7), (energy_alignment_candidates, 6),
+]
+
+
+@pytest.mark.parametrize("function, method, names", SHARED_DEFAULTS,
+                         ids=[f"{f.__name__}-{m.__name__}" for f, m, _ in SHARED_DEFAULTS])
+def test_functions_default_to_their_class_defaults(function: Callable, method: type, names: dict | None) -> None:
+    arguments = inspect.signature(function).parameters
+    hyperparameters = inspect.signature(method).parameters
+    for name, class_name in (names or {name: name for name in hyperparameters}).items():
+        assert arguments[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert arguments[name].default == hyperparameters[class_name].default, name
+
+
+@pytest.mark.parametrize("function, data", DATA_ARGUMENTS, ids=[f.__name__ for f, _ in DATA_ARGUMENTS])
+def test_hyperparameters_by_position_raise_type_error(function: Callable, data: int) -> None:
+    # Python refuses the call before the function runs, so the arguments need not be real.
+    with pytest.raises(TypeError, match=f"takes from .* {data} positional|takes {data} positional"):
+        function(*[None] * (data + 1))
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value  # YAML has lists only
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.rglob("*.yaml")),
+                         ids=lambda path: path.relative_to(CONFIGS).as_posix())
+def test_configs_set_only_arguments_that_differ_from_the_defaults(config: Path) -> None:
+    repair = yaml.safe_load(config.read_text())["repair"]
+    for method in (repair[role] for role in ("scorer", "treatment") if role in repair):
+        module, name = method["class_path"].rsplit(".", 1)
+        defaults = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        for argument, value in method.get("init_args", {}).items():
+            assert argument in defaults, f"{config.name}: {name} has no argument {argument!r}"
+            assert value != _plain(defaults[argument].default), \
+                f"{config.name} repeats {name}'s default {argument}={value!r}; leave it out"
