@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,41 +15,90 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
 
-def _distributed(strategy: Strategy) -> bool:
-    return strategy.world_size > 1 and dist.is_available() and dist.is_initialized()
+@dataclass(frozen=True)
+class Ranks:
+    """The processes a computation is split across, and how their shares combine.
+
+    The default, :data:`SINGLE_PROCESS`, is one process: :meth:`gather` is ``compute(indices)`` and :meth:`sum`
+    returns its argument, so code written against ``Ranks`` needs no single-process branch. Under DDP,
+    :func:`ranks_of` builds it from the Trainer's strategy; every rank must then call each method in the same order.
+
+    Attributes:
+        rank: this process's global rank, in ``[0, world_size)``.
+        world_size: the number of processes.
+        device: where the collectives need their tensors: the process's CUDA device for NCCL, the CPU for gloo.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def share(self, n: int) -> slice:
+        """This rank's contiguous share of ``range(n)``: ⌈n / world_size⌉ items, fewer or none on the last ranks."""
+        size = math.ceil(n / self.world_size)
+        return slice(min(self.rank * size, n), min((self.rank + 1) * size, n))
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The elementwise sum of every rank's ``tensor``, on every rank (a new tensor; ``tensor`` is unchanged)."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.to(self.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.to(tensor.device)
+
+    def gather(self, indices: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+        """``compute(indices)``, each rank computing its :meth:`share`, the results gathered in order on every rank.
+
+        Args:
+            indices: what to compute on, e.g. dataset indices.
+            compute: maps a share of ``indices`` to one row of results per index (a tensor of any trailing shape).
+        """
+        if self.world_size == 1 or len(indices) == 0:
+            return compute(indices)
+        mine = indices[self.share(len(indices))]
+        # A rank with an empty share still computes one row, only to learn the result's shape and dtype.
+        result = compute(mine) if len(mine) else compute(indices[:1])[:0]
+        size = math.ceil(len(indices) / self.world_size)
+        padded = result.new_zeros((size, *result.shape[1:]), device=self.device)  # all_gather needs equal shapes
+        padded[: len(result)] = result
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[: len(indices)].to(result.device)
 
 
-def gather_sharded(strategy: Strategy, indices: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
+SINGLE_PROCESS = Ranks()
+
+
+def ranks_of(strategy: Strategy | None) -> Ranks:
+    """The Trainer's processes as :class:`Ranks`; :data:`SINGLE_PROCESS` for one process or no strategy."""
+    if strategy is None or strategy.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return SINGLE_PROCESS
+    return Ranks(rank=strategy.global_rank, world_size=strategy.world_size, device=strategy.root_device)
+
+
+def gather_sharded(strategy: Strategy | None, indices: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
     """``compute(indices)`` with each rank computing one contiguous share, the results gathered on every rank.
 
     Args:
-        strategy: the Trainer's strategy.
+        strategy: the Trainer's strategy; None runs in one process.
         indices: what to compute on, e.g. dataset indices.
         compute: maps a share of ``indices`` to one row of results per index (a tensor of any trailing shape).
     """
-    if not _distributed(strategy):
-        return compute(indices)
-    share = math.ceil(len(indices) / strategy.world_size)
-    mine = indices[strategy.global_rank * share:(strategy.global_rank + 1) * share]
-    result = compute(mine)
-    padded = result.new_zeros((share, *result.shape[1:]))  # all_gather needs equal shapes on every rank
-    padded[: len(result)] = result
-    gathered = strategy.all_gather(padded.to(strategy.root_device))
-    return gathered.reshape(-1, *result.shape[1:])[: len(indices)].to(result.device)
+    return ranks_of(strategy).gather(indices, compute)
 
 
-def sum_across_ranks(strategy: Strategy, tensors: Sequence[Tensor]) -> list[Tensor]:
+def sum_across_ranks(strategy: Strategy | None, tensors: Sequence[Tensor]) -> list[Tensor]:
     """Elementwise sums over the ranks of per-parameter tensors."""
-    if not _distributed(strategy):
+    ranks = ranks_of(strategy)
+    if ranks.world_size == 1:
         return list(tensors)
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = ranks.sum(torch.cat([t.flatten() for t in tensors]))  # one collective for all parameters
     return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def broadcast_parameters(strategy: Strategy, model: nn.Module) -> None:
+def broadcast_parameters(strategy: Strategy | None, model: nn.Module) -> None:
     """Copies rank 0's parameter values to every rank, so a treatment ends with identical weights everywhere."""
-    if not _distributed(strategy):
+    if ranks_of(strategy).world_size == 1:
         return
     with torch.no_grad():
         for parameter in model.parameters():

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
+from lightning_repair.distributed import SINGLE_PROCESS, Ranks
 
 Progress = Callable[[DataLoader, str], Iterable]
 
@@ -36,6 +37,9 @@ class ScoringInputs:
         adapter: how to read batches and logits.
         seed: seed for anything random in this round.
         progress: wraps the pass over ``train`` to show progress.
+        ranks: the DDP processes a scorer that is not ``shardable`` may split its own work across (KNN-Shapley
+            embeds a share of ``train`` and values against a share of the utility points on each rank); every rank
+            then gets the same scores. The default is one process.
     """
 
     model: nn.Module
@@ -49,6 +53,7 @@ class ScoringInputs:
     seed: int = 0
     progress: Progress = no_progress
     query_fit: DataLoader | None = None
+    ranks: Ranks = SINGLE_PROCESS
 
 
 class Scorer(ABC):
