@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from lightning_repair.curvature import natural_gradient
-from lightning_repair.identify import (EWCInfluence, GradientDot, LinearInfluence, ewc_influence, linear_influence,
-                                       training_loss)
+from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, ewc_influence,
+                                       knn_shapley_scores, knn_shapley_values, linear_influence, training_loss)
 from lightning_repair.optimize import fit_to_failures
 from lightning_repair.treat import (EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval, energy_alignment,
                                     ewc_unlearning, finetune, newton_removal)
@@ -45,13 +45,16 @@ SHARED_DEFAULTS = [
     (aligned_causes, EnergyAlignment, {"step_size": "step_size", "steps": "steps", "mode": "mode"}),
     (align_inputs, EnergyAlignment, {"step_size": "step_size", "steps": "steps"}),
     (fit_to_failures, EnergyAlignment, {"lr": "fit_lr", "max_steps": "fit_steps"}),
+    (knn_shapley_values, KNNShapley, {"k": "k", "batch_size": "batch_size"}),
+    (knn_shapley_scores, KNNShapley, {"k": "k", "batch_size": "batch_size"}),
 ]
 
 # Each method function and how many data arguments it takes by position.
 DATA_ARGUMENTS = [
     (ewc_influence, 6), (linear_influence, 4), (training_loss, 2), (fit_to_failures, 5), (finetune, 3),
     (finetune_candidates, 2), (ewc_unlearning, 4), (ewc_unlearning_candidates, 3), (newton_removal, 5),
-    (newton_candidates, 4), (energy_alignment, 7), (energy_alignment_candidates, 6),
+    (newton_candidates, 4), (energy_alignment, 7), (energy_alignment_candidates, 6), (knn_shapley_values, 4),
+    (knn_shapley_scores, 4),
 ]
 
 
