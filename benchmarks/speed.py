@@ -141,13 +141,13 @@ def query_loaders(validation, query: Tensor, stop_fraction: float, seed: int):
 
 
 def sampled_fisher(model: nn.Module, train, kept: Tensor, callback, seed: int) -> list[Tensor]:
-    """The diagonal Fisher on ``callback.fisher_samples`` seeded training examples, as one RepairCallback round."""
+    """The diagonal Fisher on ``callback.settings.fisher_samples`` seeded training examples, as one RepairCallback round."""
     from lightning_repair.curvature import diagonal_fisher
 
     generator = torch.Generator().manual_seed(seed)
-    sample = kept[torch.randperm(len(kept), generator=generator)[: callback.fisher_samples]].sort().values
+    sample = kept[torch.randperm(len(kept), generator=generator)[: callback.settings.fisher_samples]].sort().values
     torch.manual_seed(seed)
-    return diagonal_fisher(model, train.subset(sample).loader(), callback.fisher, callback.adapter)
+    return diagonal_fisher(model, train.subset(sample).loader(), callback.settings.fisher, callback.settings.adapter)
 
 
 def trainer(device: torch.device, root: str, callbacks: list, limit_train_batches: int | float = 1.0):
@@ -299,10 +299,10 @@ def run(args: argparse.Namespace) -> dict:
     train = Examples(data.train_dataset, batch_size=REPAIR_BATCH)
     validation = Examples(data.val_dataset, batch_size=REPAIR_BATCH)
     model = repair_copy(module)
-    predictions, labels = predict(model, validation.loader(), callback.adapter)
-    failures = split_failures(predictions, labels, callback.query_fraction, callback.max_failures, seed)
+    predictions, labels = predict(model, validation.loader(), callback.settings.adapter)
+    failures = split_failures(predictions, labels, callback.settings.query_fraction, callback.settings.max_failures, seed)
     kept = torch.arange(n)
-    query, query_fit, stop = query_loaders(validation, failures.query, callback.stop_fraction, seed)
+    query, query_fit, stop = query_loaders(validation, failures.query, callback.settings.stop_fraction, seed)
     train_loader = train.subset(kept).loader()
     print(f"  failures on validation: {failures.size + failures.dropped} (F_q {len(failures.query)}, "
           f"F_h {len(failures.holdout)})", flush=True)
@@ -311,19 +311,19 @@ def run(args: argparse.Namespace) -> dict:
     record("forward", "no-grad forward pass over D", lambda: forward_pass(model, train_loader, device))
 
     # Fisher (1,000 training examples, BackPACK DiagGGNMC, the callback's defaults).
-    fisher = record("fisher", f"diagonal Fisher ({callback.fisher_samples:,} examples, BackPACK)",
+    fisher = record("fisher", f"diagonal Fisher ({callback.settings.fisher_samples:,} examples, BackPACK)",
                     lambda: sampled_fisher(model, train, kept, callback, seed))
 
     def inputs() -> ScoringInputs:
         return ScoringInputs(model=model, train=train_loader, query=query, stop=stop, query_fit=query_fit,
-                             trusted=None, fisher=fisher, n_train=n, adapter=callback.adapter, seed=seed)
+                             trusted=None, fisher=fisher, n_train=n, adapter=callback.settings.adapter, seed=seed)
 
     # (c) linear influence, JVP fast path: the scorer (g_F + one forward-mode pass), and the pass alone.
-    direction = natural_gradient(loss_gradient(model, query, callback.adapter), fisher)
+    direction = natural_gradient(loss_gradient(model, query, callback.settings.adapter), fisher)
     jvp_scores = record("linear_jvp", "LinearInfluence jvp: score() = g_F + JVP pass over D",
                         lambda: LinearInfluence(method="jvp").score(inputs()))
     jvp_dots = record("jvp_pass", "  of which the JVP pass over D alone",
-                      lambda: directional_derivatives(model, train_loader, direction, callback.adapter))
+                      lambda: directional_derivatives(model, train_loader, direction, callback.settings.adapter))
     # (d) the BackPACK BatchGrad path.
     backpack_scores = record("linear_backpack", "LinearInfluence backpack: score() = g_F + BatchGrad pass",
                              lambda: LinearInfluence(method="backpack").score(inputs()))
@@ -331,9 +331,9 @@ def run(args: argparse.Namespace) -> dict:
     record("ewc", "EWCInfluence: score() = fit to F_q + 2 forward passes",
            lambda: EWCInfluence().score(inputs()))
     plus = record("ewc_fit", "  of which the fit to F_q",
-                  lambda: fit_to_failures(model, query_fit, fisher, n, stop, adapter=callback.adapter))
+                  lambda: fit_to_failures(model, query_fit, fisher, n, stop, adapter=callback.settings.adapter))
     record("ewc_passes", "  of which the 2 forward passes over D",
-           lambda: loss_change(model, plus, train_loader, callback.adapter))
+           lambda: loss_change(model, plus, train_loader, callback.settings.adapter))
 
     # (f) reference per-example-gradient paths for the same ∇ℓ(z)ᵀv.
     vmap_dots = record("vmap", "torch.func vmap(grad) · v over D (reference)",

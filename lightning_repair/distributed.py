@@ -46,6 +46,23 @@ class Ranks:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total.to(tensor.device)
 
+    def sum_each(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`sum` of each of ``tensors`` (e.g. one per parameter), in one collective."""
+        if self.world_size == 1:
+            return list(tensors)
+        flat = self.sum(torch.cat([t.flatten() for t in tensors]))
+        return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def broadcast(self, model: nn.Module) -> None:
+        """Copies rank 0's parameter values into ``model`` on every rank, so all ranks end with the same weights."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for parameter in model.parameters():
+                value = parameter.data.to(self.device)
+                dist.broadcast(value, src=0)
+                parameter.data.copy_(value)
+
     def gather(self, indices: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
         """``compute(indices)``, each rank computing its :meth:`share`, the results gathered in order on every rank.
 
@@ -74,32 +91,3 @@ def ranks_of(strategy: Strategy | None) -> Ranks:
     if strategy is None or strategy.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return SINGLE_PROCESS
     return Ranks(rank=strategy.global_rank, world_size=strategy.world_size, device=strategy.root_device)
-
-
-def gather_sharded(strategy: Strategy | None, indices: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
-    """``compute(indices)`` with each rank computing one contiguous share, the results gathered on every rank.
-
-    Args:
-        strategy: the Trainer's strategy; None runs in one process.
-        indices: what to compute on, e.g. dataset indices.
-        compute: maps a share of ``indices`` to one row of results per index (a tensor of any trailing shape).
-    """
-    return ranks_of(strategy).gather(indices, compute)
-
-
-def sum_across_ranks(strategy: Strategy | None, tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Elementwise sums over the ranks of per-parameter tensors."""
-    ranks = ranks_of(strategy)
-    if ranks.world_size == 1:
-        return list(tensors)
-    flat = ranks.sum(torch.cat([t.flatten() for t in tensors]))  # one collective for all parameters
-    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-def broadcast_parameters(strategy: Strategy | None, model: nn.Module) -> None:
-    """Copies rank 0's parameter values to every rank, so a treatment ends with identical weights everywhere."""
-    if ranks_of(strategy).world_size == 1:
-        return
-    with torch.no_grad():
-        for parameter in model.parameters():
-            dist.broadcast(parameter.data, src=0)

@@ -66,13 +66,17 @@ class Examples:
 
     def loader(self, shuffle: bool = False, generator: torch.Generator | None = None,
                batch_size: int | None = None) -> DataLoader:
-        """A DataLoader over these examples; in order unless ``shuffle``."""
+        """A DataLoader over these examples; in order unless ``shuffle``.
+
+        It never draws from the global RNG: without ``generator`` it gets its own (each pass over a DataLoader
+        draws a seed for its workers), so how many passes a round makes does not change its random draws.
+        """
         dataset = self.dataset if self.indices is None else Subset(self.dataset, self.indices.tolist())
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
-            generator=generator,
+            generator=generator if generator is not None else torch.Generator().manual_seed(0),
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
         )

@@ -8,9 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-RoundRecord = dict[str, Any]
+from lightning_repair.adapter import BatchAdapter
+from lightning_repair.examples import Examples
+from lightning_repair.round import RoundOutcome, RoundRecord
 
 TABLE_COLUMNS = (
     ("round", "round", "{:d}"),
@@ -37,14 +40,6 @@ METRIC_KEYS = (
 def round_metrics(record: RoundRecord) -> dict[str, float]:
     """The round's figures as logger metrics, ``repair/<name>``; unknown figures (None) are left out."""
     return {f"repair/{key}": float(record[key]) for key in METRIC_KEYS if record.get(key) is not None}
-
-
-def precision(removed: Tensor, flipped: Tensor) -> float | None:
-    """Share of ``removed`` that are in ``flipped`` (the injected label flips); None if nothing was removed."""
-    if len(removed) == 0:
-        return None
-    flipped_set = set(flipped.tolist())
-    return sum(index in flipped_set for index in removed.tolist()) / len(removed)
 
 
 def write_suspects(path: Path, order: Tensor, scores: Tensor, given: Tensor, predicted: Tensor,
@@ -89,3 +84,42 @@ def _cell(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return fmt.format(value)
+
+
+def write_round_files(directory: Path, outcome: RoundOutcome, train: Examples, adapter: BatchAdapter, *,
+                      figures: bool = False, images: int = 32, flipped: Tensor | None = None,
+                      class_names: Sequence[str] | None = None) -> Tensor | None:
+    """Writes a round's suspects CSV, and with ``figures`` its PNG figures and Markdown page, into ``directory``.
+
+    Returns the suspects' image grid as a (3, H, W) tensor for loggers that take images, or None when no figures
+    were asked for or the inputs are not images.
+    """
+    record, scores, suspects = outcome.record, outcome.scores, outcome.suspects
+    if suspects is None or scores is None:
+        return None
+    csv_path = directory / f"round_{record.round:03d}_suspects.csv"
+    write_suspects(csv_path, suspects.order, scores[suspects.order], suspects.given, suspects.predicted,
+                   outcome.removed)
+    if not figures:
+        return None
+    from lightning_repair import visual
+
+    drawn = {"scores": visual.score_histogram(scores, outcome.removed, flipped), "accuracy": visual.accuracy_bars(record)}
+    if flipped is not None:
+        drawn["detection"] = visual.detection_curve(scores, flipped)
+    shown = suspects.order[:images]
+    inputs = _images(train.subset(shown), adapter)
+    if inputs is not None:
+        drawn["suspects"] = visual.suspect_grid(inputs, suspects.given[: len(shown)].tolist(),
+                                                suspects.predicted[: len(shown)].tolist(), scores[shown].tolist(),
+                                                class_names)
+    visual.write_round_report(directory, record, drawn, csv_path)
+    return visual.suspect_grid_tensor(inputs) if inputs is not None else None
+
+
+def _images(examples: Examples, adapter: BatchAdapter) -> Tensor | None:
+    """The examples' inputs as a (K, C, H, W) image batch, or None when they are not images."""
+    inputs = torch.cat([adapter.inputs(batch) for batch in examples.loader()])
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() not in (3, 4):
+        return None
+    return inputs.unsqueeze(1) if inputs.dim() == 3 else inputs

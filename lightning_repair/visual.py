@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_repair.report import RoundRecord
+from lightning_repair.round import RoundRecord
+from lightning_repair.selection import ranked
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -160,8 +161,7 @@ def detection_points(scores: Tensor, flipped: Tensor) -> tuple[Tensor, Tensor]:
     """
     values = scores.detach().double().cpu()
     flipped_mask = _as_mask(flipped, len(values), "flipped")
-    ranked = torch.nonzero(~torch.isnan(values)).flatten()
-    order = ranked[torch.argsort(values[ranked], descending=True, stable=True)]
+    order = ranked(values)
     hits = torch.cat([torch.zeros(1, dtype=torch.float64), flipped_mask[order].double().cumsum(0)])
     fractions = torch.arange(len(order) + 1, dtype=torch.float64) / max(len(order), 1)
     return fractions, hits / max(float(hits[-1]), 1.0)
@@ -178,8 +178,8 @@ def detection_curve(scores: Tensor, flipped: Tensor) -> Figure:
         flipped: the examples whose labels were flipped, as dataset indices or a boolean mask over ``scores``.
     """
     fractions, found = detection_points(scores, flipped)
-    ranked = ~torch.isnan(scores.detach().cpu())
-    flip_share = float(_as_mask(flipped, len(scores), "flipped")[ranked].double().mean()) if ranked.any() else 0.0
+    scored = ~torch.isnan(scores.detach().cpu())
+    flip_share = float(_as_mask(flipped, len(scores), "flipped")[scored].double().mean()) if scored.any() else 0.0
     ideal = (fractions / flip_share).clamp(max=1.0) if flip_share > 0 else torch.zeros_like(fractions)
     figure = _new_figure(5.0, 4.6)
     ax = figure.subplots()

@@ -11,6 +11,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_repair.acceptance import Choice
+from lightning_repair.treat import Treatment
+
 
 class Blobs(Dataset):
     """Gaussian blobs, one per class, returning ``(x, y, index)``; records every index it serves."""
@@ -83,3 +86,20 @@ def write_fake_fashion_mnist(folder: Path, train: int = 300, test: int = 50) -> 
                          + images.numpy().tobytes())
         with gzip.open(folder / f"{stem}-labels-idx1-ubyte.gz", "wb") as handle:
             handle.write(bytes([0, 0, 8, 1]) + count.to_bytes(4, "big") + labels.numpy().tobytes())
+
+
+class Forced(Treatment):
+    """A treatment whose one candidate is kept whatever the judge says, so that the rollback alone decides."""
+
+    def treat(self, inputs):
+        return Choice(next(self.candidates(inputs), None), float("nan"), 1)
+
+
+class Scramble(Forced):
+    """Breaks the model: every weight set to noise."""
+
+    def candidates(self, inputs):
+        with torch.no_grad():
+            for p in inputs.model.parameters():
+                p.copy_(torch.randn_like(p) * 10)
+        yield "scrambled"

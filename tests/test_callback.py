@@ -132,7 +132,7 @@ def test_state_survives_checkpoint_and_resume(tmp_path, stop):
 
     class CheckOnStart(Callback):
         def on_train_start(self, trainer, pl_module):
-            self.removed, self.rounds = list(resumed.removed_indices), [dict(r) for r in resumed.rounds]
+            self.removed, self.rounds = list(resumed.removed_indices), list(resumed.rounds)
 
     resumed = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, fisher_samples=64, rollback=False)
     check, served = CheckOnStart(), ServedIndices()
@@ -178,7 +178,7 @@ def test_every_scorer_runs_inside_fit(tmp_path, scorer):
     repair = RepairCallback(scorer=scorer, treatment=Finetune(steps=2), start_epoch=0, fisher_samples=64,
                             rollback=False, **({} if isinstance(scorer, KNNShapley) else {"top_k": 5}))
     trainer, _, _ = fit(tmp_path, repair, max_epochs=2)
-    assert len(repair.rounds) == 2 and "skipped" not in repair.rounds[0]
+    assert len(repair.rounds) == 2 and repair.rounds[0].skipped is None
     with (RepairCallback.log_dir(trainer) / "round_001_suspects.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     removed = [row["removed"] == "1" for row in rows]

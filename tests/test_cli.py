@@ -108,5 +108,5 @@ def test_composed_config_instantiates(tmp_path: Path) -> None:
     assert isinstance(callback.scorer, KNNShapley) and isinstance(callback.treatment, NewtonRemoval)
     assert callback.scorer.utility == "trusted"
     assert callback.selection == {"threshold": KNNShapley.natural_threshold}  # value < 0, the scorer's rule
-    assert (callback.start_epoch, callback.fisher_samples) == (0, 1000)
+    assert (callback.start_epoch, callback.settings.fisher_samples) == (0, 1000)
     assert cli.datamodule.train_dataset is None  # nothing read before `fit` calls setup

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import Blobs, BlobsDataModule, TinyClassifier, write_fake_fashion_mnist
+from helpers import Blobs, BlobsDataModule, Forced, Scramble, TinyClassifier, write_fake_fashion_mnist
 from lightning_repair import RepairCallback
 from lightning_repair.acceptance import Choice
 from lightning_repair.identify import LinearInfluence, Scorer, TrainingLoss
@@ -35,23 +35,6 @@ class Snapshot(Callback):
 
     def on_validation_end(self, trainer, pl_module):
         self.state = copy.deepcopy(pl_module.state_dict())
-
-
-class Forced(Treatment):
-    """A treatment whose one candidate is kept whatever the judge says, so that the rollback alone decides."""
-
-    def treat(self, inputs):
-        return Choice(next(self.candidates(inputs), None), float("nan"), 1)
-
-
-class Scramble(Forced):
-    """Breaks the model: every weight set to noise."""
-
-    def candidates(self, inputs):
-        with torch.no_grad():
-            for p in inputs.model.parameters():
-                p.copy_(torch.randn_like(p) * 10)
-        yield "scrambled"
 
 
 class Unchanged(Forced):
@@ -101,7 +84,7 @@ def test_round_that_changes_nothing_is_rolled_back():
 
 
 def test_cap_on_r_is_off_by_default_and_named_when_it_rejects():
-    assert RepairCallback().max_remaining_drop is None
+    assert RepairCallback().settings.max_remaining_drop is None
     capped = RepairCallback(scorer=TrainingLoss(), treatment=Scramble(), top_k=10, start_epoch=0,
                             max_remaining_drop=0.05)
     run(capped, max_epochs=1)

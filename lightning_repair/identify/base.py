@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.distributed import SINGLE_PROCESS, Ranks
+from lightning_repair.method import Method
 
 Progress = Callable[[DataLoader, str], Iterable]
 
@@ -56,7 +57,7 @@ class ScoringInputs:
     ranks: Ranks = SINGLE_PROCESS
 
 
-class Scorer(ABC):
+class Scorer(Method, ABC):
     """Ranks training examples by how likely each caused the failures: higher score, more likely a cause.
 
     Attributes:
@@ -74,7 +75,3 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, inputs: ScoringInputs) -> Tensor:
         """One score per example of ``inputs.train``, in its order, as a float tensor on the CPU."""
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"

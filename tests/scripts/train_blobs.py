@@ -73,4 +73,4 @@ trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, accelerator="cpu", logge
 trainer.fit(TinyClassifier(), BlobsDataModule(), ckpt_path="last" if args.resume else None)
 (args.root / "resumed.json").write_text(json.dumps({
     "at_start": record.at_start, "served": record.served, "removed": repair.removed_indices,
-    "rounds": repair.rounds, "epoch": trainer.current_epoch}))
+    "rounds": [r.to_dict() for r in repair.rounds], "epoch": trainer.current_epoch}))

@@ -1,0 +1,96 @@
+"""A repair round without a Trainer: RepairRound.run on plain loaders, and the callback as a thin layer over it."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Subset
+
+from helpers import BlobsDataModule, Scramble, TinyClassifier
+from lightning_repair import RepairCallback
+from lightning_repair.failures import predict
+from lightning_repair.identify import TrainingLoss
+from lightning_repair.round import RepairRound, RoundRecord
+
+
+def _trained_blobs(epochs: int = 3) -> tuple[TinyClassifier, BlobsDataModule]:
+    torch.manual_seed(0)
+    model, data = TinyClassifier(), BlobsDataModule()
+    pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False).fit(model, data)
+    return model, data
+
+
+def test_a_round_runs_from_plain_loaders_and_leaves_the_model_alone():
+    model, data = _trained_blobs()
+    before = copy.deepcopy(model.state_dict())
+    outcome = RepairRound(scorer=TrainingLoss(), treatment=Scramble(), selection={"top_k": 15},
+                          rollback=False).run(model, data.train_dataloader(), data.val_dataloader(),
+                                              flipped=data.flipped_indices)
+
+    record = outcome.record
+    assert isinstance(record, RoundRecord) and record.skipped is None and record.failures > 0
+    assert record.accepted and record.causes == record.removed == len(outcome.causes) == 15
+    assert record.precision == pytest.approx(float(torch.isin(outcome.causes, data.flipped_indices).float().mean()))
+    # The round worked on a copy: the given model is untouched, the copy moved.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in outcome.model.state_dict().items())
+    # Its "after" figures are the scrambled copy's: right answers lost, validation accuracy down.
+    assert record.acc_r_before == 1.0 > record.acc_r_after and record.gain < 0
+    # The record reads like a mapping (tables, loggers) and survives a checkpoint's dict form.
+    assert record["gain"] == record.gain and RoundRecord.from_dict(record.to_dict()) == record
+
+
+def test_removed_examples_are_neither_scored_nor_selected():
+    model, data = _trained_blobs()
+    removed = set(range(0, 300, 3))
+    outcome = RepairRound(scorer=TrainingLoss(), selection={"top_k": 20}).run(
+        model, data.train_dataloader(), data.val_dataloader(), removed=removed)
+    assert torch.isnan(outcome.scores[sorted(removed)]).all()
+    assert torch.isfinite(outcome.scores[sorted(set(range(300)) - removed)]).all()
+    assert not set(outcome.causes.tolist()) & removed
+
+
+def test_a_round_without_failures_is_skipped_with_its_reason():
+    model, data = _trained_blobs()
+    predicted, labels = predict(model, data.val_dataloader())
+    right = torch.nonzero(predicted == labels).flatten().tolist()
+    validation = DataLoader(Subset(data.val_dataset, right), batch_size=32)
+    outcome = RepairRound().run(model, data.train_dataloader(), validation)
+    assert outcome.record.skipped == "no failures" and outcome.record.failures == 0 and len(outcome.removed) == 0
+    assert outcome.record.acc_r_after == outcome.record.acc_r_before == 1.0
+
+
+def test_the_callback_round_is_the_plain_round_on_the_same_model(tmp_path):
+    """The callback only applies what RepairRound decides: same causes, same record, same weights."""
+
+    class Snapshot(Callback):  # runs before RepairCallback's validation-end hook: θ̂ as the round sees it
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.state = copy.deepcopy(pl_module.state_dict())
+
+    settings = dict(scorer=TrainingLoss(), treatment=Scramble(), top_k=15, start_epoch=1, seed=3, rollback=False)
+    snapshot, repair = Snapshot(), RepairCallback(**settings)
+    torch.manual_seed(0)
+    data, model = BlobsDataModule(), TinyClassifier()
+    pl.Trainer(max_epochs=2, callbacks=[snapshot, repair], accelerator="cpu", logger=False,
+               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+               default_root_dir=tmp_path).fit(model, data)
+    [in_fit] = repair.rounds
+
+    theta_hat = TinyClassifier()
+    theta_hat.load_state_dict(snapshot.state)
+    plain = RepairRound(scorer=TrainingLoss(), treatment=Scramble(), selection={"top_k": 15}, rollback=False).run(
+        theta_hat, data.train_dataloader(), data.val_dataloader(), number=1, seed=3, epoch=1,
+        global_step=in_fit.global_step, flipped=data.flipped_indices)
+
+    timing = {k for k in in_fit if k.startswith("seconds_")}
+    assert {k: v for k, v in plain.record.items() if k not in timing} == \
+        {k: v for k, v in in_fit.items() if k not in timing}
+    assert sorted(plain.removed.tolist()) == repair.removed_indices
+    assert in_fit.accepted  # and the callback applied exactly the plain round's weights
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), model.parameters()))
