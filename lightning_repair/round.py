@@ -226,7 +226,7 @@ class _Round:
         self.train = Examples.from_dataloader(train, "training", settings.batch_size)
         self.validation = Examples.from_dataloader(validation, "validation", settings.batch_size)
         self.kept = torch.tensor(sorted(set(range(len(self.train.dataset))) - removed), dtype=torch.long)
-        self.model = repair_copy(module, settings.params)
+        self.module, self.model = module, repair_copy(module, settings.params)
         self.record = RoundRecord(round=number, scorer=repr(settings.scorer), treatment=repr(settings.treatment),
                                   removed_total=len(removed))
         self.backend = settings.backend
@@ -358,7 +358,8 @@ class _Round:
     def accept(self, failures: FailureSet, before: Tensor, labels: Tensor, treated: bool) -> None:
         """The acceptance rule on F_h and R, the parts no method read: keep the repair, or roll it back."""
         settings, record = self.settings, self.record
-        after, _ = self.predict()
+        # A treatment that kept θ̂ changed no prediction: the pass over V is skipped, not repeated.
+        after = self.predict()[0] if self.moved() else before
         self.set_accuracies(failures, after, labels, "after")
         holdout, remaining = failures.holdout, failures.remaining
         verdict = compare(before[holdout] == labels[holdout], after[holdout] == labels[holdout],
@@ -373,6 +374,10 @@ class _Round:
             rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.")
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
+
+    def moved(self) -> bool:
+        """Whether the repair copy's weights differ from the module's, θ̂."""
+        return any(not torch.equal(a, b) for a, b in zip(self.module.parameters(), self.model.parameters()))
 
     def set_accuracies(self, failures: FailureSet, predictions: Tensor, labels: Tensor, when: str) -> None:
         for part, indices in (("fq", failures.query), ("fh", failures.holdout), ("r", failures.remaining)):

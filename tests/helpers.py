@@ -103,3 +103,10 @@ class Scramble(Forced):
             for p in inputs.model.parameters():
                 p.copy_(torch.randn_like(p) * 10)
         yield "scrambled"
+
+
+class Unchanged(Forced):
+    """Proposes nothing: the model stays at θ̂."""
+
+    def candidates(self, inputs):
+        yield from ()

@@ -14,11 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import Blobs, BlobsDataModule, Forced, Scramble, TinyClassifier, write_fake_fashion_mnist
+from helpers import Blobs, BlobsDataModule, Forced, Scramble, TinyClassifier, Unchanged, write_fake_fashion_mnist
 from lightning_repair import RepairCallback
-from lightning_repair.acceptance import Choice
 from lightning_repair.identify import LinearInfluence, Scorer, TrainingLoss
-from lightning_repair.treat import EWCUnlearning, Finetune, Treatment
+from lightning_repair.treat import EWCUnlearning, Finetune
 
 
 def run(repair: RepairCallback, model: pl.LightningModule | None = None, data=None, max_epochs: int = 2,
@@ -35,13 +34,6 @@ class Snapshot(Callback):
 
     def on_validation_end(self, trainer, pl_module):
         self.state = copy.deepcopy(pl_module.state_dict())
-
-
-class Unchanged(Forced):
-    """Proposes nothing: the model stays at θ̂."""
-
-    def candidates(self, inputs):
-        yield from ()
 
 
 class TrainOnCleanLabels(Forced):

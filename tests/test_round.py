@@ -10,10 +10,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Subset
 
-from helpers import BlobsDataModule, Scramble, TinyClassifier
+from helpers import BlobsDataModule, Scramble, TinyClassifier, Unchanged
 from lightning_repair import RepairCallback
 from lightning_repair.failures import predict
 from lightning_repair.identify import TrainingLoss
+from lightning_repair import round as round_module
 from lightning_repair.round import RepairRound, RoundRecord
 
 
@@ -94,3 +95,20 @@ def test_the_callback_round_is_the_plain_round_on_the_same_model(tmp_path):
     assert sorted(plain.removed.tolist()) == repair.removed_indices
     assert in_fit.accepted  # and the callback applied exactly the plain round's weights
     assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), model.parameters()))
+
+
+def test_a_treatment_that_keeps_theta_hat_costs_no_second_pass_over_validation(monkeypatch):
+    model, data = _trained_blobs()
+    passes = []
+    predict_validation = round_module._Round.predict
+    monkeypatch.setattr(round_module._Round, "predict", lambda self: passes.append(1) or predict_validation(self))
+
+    kept = RepairRound(scorer=TrainingLoss(), treatment=Unchanged(), selection={"top_k": 15}).run(
+        model, data.train_dataloader(), data.val_dataloader())
+    assert len(passes) == 1 and kept.record.gain == 0 and not kept.record.accepted
+    assert kept.record.acc_fq_after == kept.record.acc_fq_before
+
+    passes.clear()
+    moved = RepairRound(scorer=TrainingLoss(), treatment=Scramble(), selection={"top_k": 15}).run(
+        model, data.train_dataloader(), data.val_dataloader())
+    assert len(passes) == 2 and moved.record.gain < 0
