@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -13,7 +14,6 @@ from torch.utils.data import DataLoader, Dataset
 from helpers import TinyClassifier
 from lightning_repair import RepairCallback
 
-torchvision = pytest.importorskip("torchvision")
 
 
 class Patterns(Dataset):

@@ -116,6 +116,38 @@ def test_a_round_without_validation_waits_for_the_next_validation(tmp_path):
     assert [r["epoch"] for r in repair.rounds] == [1, 3]
 
 
+def test_a_fit_whose_validation_never_runs_stops_with_the_fix(tmp_path):
+    repair = RepairCallback(top_k=5, start_epoch=0, every_n_epochs=1, fisher_samples=32)
+    with pytest.raises(RuntimeError, match="no validation has run since.*limit_val_batches"):
+        fit(tmp_path, repair, max_epochs=2, limit_val_batches=0)
+    assert repair.rounds == []
+
+
+def test_reloaded_training_loaders_are_filtered_again(tmp_path):
+    """`reload_dataloaders_every_n_epochs` builds a new DataLoader each epoch; the removed stay out of each."""
+    repair = RepairCallback(top_k=12, start_epoch=0, every_n_epochs=1, fisher_samples=32, rollback=False)
+
+    class Excluded(Callback):  # what had been removed when each epoch started, and the loader it started with
+        def __init__(self) -> None:
+            self.by_epoch, self.loaders = {}, set()
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.by_epoch[trainer.current_epoch] = set(repair.removed_indices)
+            self.loaders.add(id(trainer.train_dataloader))
+
+    excluded, served = Excluded(), ServedIndices()
+    trainer = pl.Trainer(max_epochs=4, callbacks=[repair, excluded, served], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path)
+    torch.manual_seed(0)
+    trainer.fit(TinyClassifier(), BlobsDataModule())
+
+    assert len(excluded.loaders) == 4  # a new DataLoader every epoch
+    for epoch in (1, 2, 3):
+        assert len(excluded.by_epoch[epoch]) == 12 * epoch
+        assert served.by_epoch[epoch] and not served.by_epoch[epoch] & excluded.by_epoch[epoch]
+
+
 @pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
 def test_state_survives_checkpoint_and_resume(tmp_path, stop):
     repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, fisher_samples=64, rollback=False)

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("matplotlib")
-
-from lightning_repair.visual import (  # noqa: E402
+from lightning_repair.visual import (
     accuracy_bars,
     detection_curve,
     detection_points,
