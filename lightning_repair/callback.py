@@ -6,15 +6,16 @@ accepted repair, logging, and the state a checkpoint keeps. The round itself is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
 from lightning_repair.adapter import BatchAdapter
@@ -133,6 +134,7 @@ class RepairCallback(Callback):
         self.rounds: list[RoundRecord] = []
         self._removed: set[int] = set()
         self._loss_unwarned, self._loss_batch, self._training_loss = True, None, None
+        self._validated: list[tuple[Tensor, Tensor]] | None = None
 
     # ---- public state -------------------------------------------------------------------------------------
 
@@ -212,9 +214,31 @@ class RepairCallback(Callback):
                 "needs a validation DataLoader (failures come from validation data only) and validation runs "
                 "during fit: define `val_dataloader()` and `validation_step`, and keep `limit_val_batches` > 0.")
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or self._owed_since(trainer.current_epoch) is None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before a round, the validation loop's own logits (a `validation_step` that returns {"logits": ...}) give
+        # the failures without a second pass over V; any other output, or a loader not in dataset order, predicts.
+        loader = trainer.val_dataloaders
+        self._validated = [] if (self._round_due(trainer) and trainer.world_size == 1
+                                 and isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler)
+                                 ) else None
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._validated is None:
             return
+        logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
+        if isinstance(logits, Tensor) and logits.dim() == 2:  # kept on the device: no host sync per batch
+            self._validated.append((logits.detach().argmax(1), self.settings.adapter.labels(batch)))
+        else:
+            self._validated = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._round_due(trainer):
+            return
+        validated, self._validated = self._validated, None
+        if validated:
+            predictions, labels = (torch.cat([part[i].cpu() for part in validated]) for i in (0, 1))
+            validated = (predictions, labels) if len(labels) == len(trainer.val_dataloaders.dataset) else None
         # The round leaves the user's RNG streams as they were: a rolled-back round changes nothing, not even the
         # order of the next epoch's batches.
         train = _single_loader(trainer.train_dataloader, "training")
@@ -223,7 +247,8 @@ class RepairCallback(Callback):
         outcome = self.settings.run(
             pl_module, train, _single_loader(trainer.val_dataloaders, "validation"), removed=self._removed,
             number=len(self.rounds) + 1, seed=self.seed, epoch=trainer.current_epoch, global_step=trainer.global_step,
-            flipped=flipped, ranks=ranks_of(trainer.strategy), progress=_progress_bar(trainer))
+            flipped=flipped, ranks=ranks_of(trainer.strategy), progress=_progress_bar(trainer),
+            validated=validated or None)
         self.settings.backend = outcome.backend or self.settings.backend  # chosen once per fit
         if outcome.record.accepted:
             copy_parameters_(pl_module, outcome.model)
@@ -248,6 +273,11 @@ class RepairCallback(Callback):
     def log_dir(trainer: pl.Trainer) -> Path:
         """Where the suspects CSVs go: ``<trainer.log_dir>/repair``."""
         return Path(trainer.log_dir or trainer.default_root_dir) / "repair"
+
+    def _round_due(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation, during fit, ends with a round."""
+        fitting = not trainer.sanity_checking and trainer.state.fn == "fit"
+        return fitting and self._owed_since(trainer.current_epoch) is not None
 
     def _owed_since(self, epoch: int) -> int | None:
         """The earliest scheduled epoch ≤ ``epoch`` after the last round's, or None when no round is owed."""

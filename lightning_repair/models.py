@@ -100,7 +100,7 @@ class ImageClassifier(L.LightningModule):
             prog_bar: Whether to show the accuracy in the progress bar.
 
         Returns:
-            The mean cross-entropy loss.
+            The mean cross-entropy loss and the logits.
         """
         x, y = batch
         logits = self(x)
@@ -108,7 +108,7 @@ class ImageClassifier(L.LightningModule):
         accuracy(logits, y)
         self.log(f"{stage}/loss", loss, on_epoch=True)
         self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=prog_bar)
-        return loss
+        return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Computes the training loss and logs ``train/loss`` and ``train/acc``.
@@ -120,9 +120,9 @@ class ImageClassifier(L.LightningModule):
         Returns:
             The loss to minimize.
         """
-        return self._step(batch, "train", self.train_acc, prog_bar=False)
+        return self._step(batch, "train", self.train_acc, prog_bar=False)[0]
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Logs ``val/loss`` and ``val/acc`` (the latter in the progress bar).
 
         Args:
@@ -130,9 +130,11 @@ class ImageClassifier(L.LightningModule):
             batch_idx: Index of the batch (unused).
 
         Returns:
-            The loss.
+            The loss, and the logits: ``RepairCallback`` reads its failures from them instead of predicting the
+            validation set again.
         """
-        return self._step(batch, "val", self.val_acc, prog_bar=True)
+        loss, logits = self._step(batch, "val", self.val_acc, prog_bar=True)
+        return {"loss": loss, "logits": logits}
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logs ``test/loss`` and ``test/acc``.
@@ -144,7 +146,7 @@ class ImageClassifier(L.LightningModule):
         Returns:
             The loss.
         """
-        return self._step(batch, "test", self.test_acc, prog_bar=False)
+        return self._step(batch, "test", self.test_acc, prog_bar=False)[0]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Returns Adam over all parameters with the configured learning rate."""

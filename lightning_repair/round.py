@@ -190,8 +190,8 @@ class RepairRound:
 
     def run(self, module: nn.Module, train: DataLoader, validation: DataLoader, *, removed: Collection[int] = (),
             number: int = 1, seed: int = 0, epoch: int | None = None, global_step: int | None = None,
-            flipped: Tensor | None = None, ranks: Ranks = SINGLE_PROCESS,
-            progress: Progress = no_progress) -> RoundOutcome:
+            flipped: Tensor | None = None, ranks: Ranks = SINGLE_PROCESS, progress: Progress = no_progress,
+            validated: tuple[Tensor, Tensor] | None = None) -> RoundOutcome:
         """Runs one round on a repair copy of ``module``; ``module`` and the global RNG streams are left as they are.
 
         Args:
@@ -207,13 +207,16 @@ class RepairRound:
             ranks: the DDP processes to share the passes across (:func:`~lightning_repair.distributed.ranks_of`
                 a Trainer's strategy); every rank runs the round and ends with the same outcome.
             progress: wraps the long passes over D to show progress.
+            validated: ``module``'s predicted classes and the labels of every validation example, in dataset
+                order, when they are already known (the callback takes them from Lightning's validation loop);
+                None predicts them.
         """
         # Gradients even inside Lightning's validation (inference mode); random draws (loader shuffles, MC labels, a
         # treatment's noise) seeded by the round, on forked streams: the caller's RNG goes on as if it had not run.
         with forked_rng(module), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed + number)
             return _Round(self, module, train, validation, set(removed), number, seed + number, ranks,
-                          progress).run(epoch, global_step, flipped)
+                          progress).run(epoch, global_step, flipped, validated)
 
 
 class _Round:
@@ -232,10 +235,11 @@ class _Round:
         self.backend = settings.backend
         self.clock = _Clock()
 
-    def run(self, epoch: int | None, global_step: int | None, flipped: Tensor | None) -> RoundOutcome:
+    def run(self, epoch: int | None, global_step: int | None, flipped: Tensor | None,
+            validated: tuple[Tensor, Tensor] | None) -> RoundOutcome:
         record = self.record
         record.epoch, record.global_step = epoch, global_step
-        predictions, labels = self.predict()
+        predictions, labels = validated if validated is not None else self.predict()
         failures = self.failures(predictions, labels)
         if len(failures.query) == 0:
             rank_zero_info("RepairCallback: no failures on the validation data; nothing to repair this round.")

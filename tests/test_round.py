@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from helpers import BlobsDataModule, Scramble, TinyClassifier, Unchanged
@@ -112,3 +113,44 @@ def test_a_treatment_that_keeps_theta_hat_costs_no_second_pass_over_validation(m
     moved = RepairRound(scorer=TrainingLoss(), treatment=Scramble(), selection={"top_k": 15}).run(
         model, data.train_dataloader(), data.val_dataloader())
     assert len(passes) == 2 and moved.record.gain < 0
+
+
+class ReturnsLogits(TinyClassifier):
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        return {"loss": F.cross_entropy(logits, batch[1]), "logits": logits}
+
+
+class ShuffledValidation(BlobsDataModule):
+    def val_dataloader(self):
+        # Its own generator: the training batches stay those of the reference fit.
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("module, data, passes", [
+    (TinyClassifier, BlobsDataModule, 1),     # validation_step returns no logits: the round predicts V
+    (ReturnsLogits, BlobsDataModule, 0),      # the validation loop's logits give the failures
+    (ReturnsLogits, ShuffledValidation, 1),   # ... unless they come out of dataset order
+])
+def test_the_validation_loops_logits_spare_a_pass_and_change_nothing(tmp_path, monkeypatch, module, data, passes):
+    calls = []
+    predict_validation = round_module._Round.predict
+    monkeypatch.setattr(round_module._Round, "predict", lambda self: calls.append(1) or predict_validation(self))
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0, every_n_epochs=1)
+    torch.manual_seed(0)
+    pl.Trainer(max_epochs=2, callbacks=[repair], accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(module(), data())
+    assert len(calls) == 2 * passes and len(repair.rounds) == 2
+
+    reference = RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0,
+                               every_n_epochs=1)
+    torch.manual_seed(0)
+    pl.Trainer(max_epochs=2, callbacks=[reference], accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(
+                   TinyClassifier(), BlobsDataModule())
+    timing = {k for k in reference.rounds[0] if k.startswith("seconds_")}
+    # A shuffled validation loader moves Lightning's RNG use, and so the later epochs: compare its first round only.
+    compared = 1 if data is ShuffledValidation else 2
+    for ours, theirs in zip(repair.rounds[:compared], reference.rounds[:compared]):
+        assert {k: v for k, v in ours.items() if k not in timing} == {k: v for k, v in theirs.items() if k not in timing}
