@@ -95,6 +95,7 @@ class RepairCallback(Callback):
 
     def __init__(
         self,
+        *,
         scorer: Scorer | None = None,
         treatment: Treatment | None = None,
         every_n_epochs: int | None = None,

@@ -137,7 +137,7 @@ class RoundOutcome:
         return self.causes if self.record.accepted else self.causes[:0]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RepairRound:
     """The settings of a repair round, and :meth:`run` to run one. See :class:`~lightning_repair.RepairCallback`
     for what each setting means; the callback passes its arguments on unchanged.

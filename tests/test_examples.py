@@ -35,3 +35,15 @@ def test_resnet_example_repairs_torchvisions_resnet18_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Curvature backend: torch_func" in result.stdout
     assert "Test accuracy, with RepairCallback():" in result.stdout
+
+
+def test_repair_once_example_repairs_a_model_trained_without_fit(tmp_path):
+    write_fake_fashion_mnist(tmp_path, train=600, test=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "repair_once.py"), "--epochs", "1", "--train-subset", "300",
+         "--val-size", "300"],
+        cwd=tmp_path, env={**os.environ, "FASHION_MNIST_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "round  epoch  failures" in result.stdout
+    assert "Test accuracy after one RepairRound:" in result.stdout and "training examples;" in result.stdout

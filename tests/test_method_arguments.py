@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_repair import RepairCallback
 from lightning_repair.curvature import natural_gradient
 from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, ewc_influence,
-                                       knn_shapley_scores, knn_shapley_values, linear_influence, training_loss)
+                                       knn_shapley_values, linear_influence, training_loss)
 from lightning_repair.optimize import fit_to_failures
 from lightning_repair.treat import (EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval, energy_alignment,
                                     ewc_unlearning, finetune, newton_removal)
@@ -46,7 +47,6 @@ SHARED_DEFAULTS = [
     (align_inputs, EnergyAlignment, {"step_size": "step_size", "steps": "steps"}),
     (fit_to_failures, EnergyAlignment, {"lr": "fit_lr", "max_steps": "fit_steps"}),
     (knn_shapley_values, KNNShapley, {"k": "k", "batch_size": "batch_size"}),
-    (knn_shapley_scores, KNNShapley, {"k": "k", "batch_size": "batch_size"}),
 ]
 
 # Each method function and how many data arguments it takes by position.
@@ -54,7 +54,6 @@ DATA_ARGUMENTS = [
     (ewc_influence, 6), (linear_influence, 4), (training_loss, 2), (fit_to_failures, 5), (finetune, 3),
     (finetune_candidates, 2), (ewc_unlearning, 4), (ewc_unlearning_candidates, 3), (newton_removal, 5),
     (newton_candidates, 4), (energy_alignment, 7), (energy_alignment_candidates, 6), (knn_shapley_values, 4),
-    (knn_shapley_scores, 4),
 ]
 
 
@@ -90,3 +89,10 @@ def test_configs_set_only_arguments_that_differ_from_the_defaults(config: Path) 
             assert argument in defaults, f"{config.name}: {name} has no argument {argument!r}"
             assert value != _plain(defaults[argument].default), \
                 f"{config.name} repeats {name}'s default {argument}={value!r}; leave it out"
+
+
+@pytest.mark.parametrize("method", sorted({m for _, m, _ in SHARED_DEFAULTS} | {RepairCallback}, key=str),
+                         ids=lambda method: method.__name__)
+def test_classes_take_every_argument_by_keyword(method: type) -> None:
+    for name, parameter in inspect.signature(method).parameters.items():
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, f"{method.__name__}({name})"

@@ -58,7 +58,7 @@ class EWCInfluence(Scorer):
 
     needs_fisher = True
 
-    def __init__(self, lr: float = FIT_DEFAULTS.lr, max_steps: int = FIT_DEFAULTS.max_steps,
+    def __init__(self, *, lr: float = FIT_DEFAULTS.lr, max_steps: int = FIT_DEFAULTS.max_steps,
                  l2: float = FIT_DEFAULTS.l2) -> None:
         if lr <= 0 or max_steps < 1 or l2 < 0:
             raise ValueError(f"EWCInfluence needs lr > 0, max_steps ≥ 1 and l2 ≥ 0; got {lr}, {max_steps}, {l2}.")

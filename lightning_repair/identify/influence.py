@@ -174,7 +174,7 @@ class LinearInfluence(Scorer):
 
     needs_fisher = True
 
-    def __init__(self, damping: float = DEFAULTS.damping, method: ScoringMethod = DEFAULTS.method) -> None:
+    def __init__(self, *, damping: float = DEFAULTS.damping, method: ScoringMethod = DEFAULTS.method) -> None:
         if damping <= 0:
             raise ValueError(f"damping must be > 0, got {damping}.")
         _check_method(method)
@@ -195,7 +195,7 @@ class GradientDot(Scorer):
             :class:`LinearInfluence`.
     """
 
-    def __init__(self, method: ScoringMethod = DEFAULTS.method) -> None:
+    def __init__(self, *, method: ScoringMethod = DEFAULTS.method) -> None:
         _check_method(method)
         self.method = method
 

@@ -249,7 +249,7 @@ class EnergyAlignment(Treatment):
 
     needs_fisher = True
 
-    def __init__(self, step_size: float = DEFAULTS.step_size, steps: int = DEFAULTS.steps,
+    def __init__(self, *, step_size: float = DEFAULTS.step_size, steps: int = DEFAULTS.steps,
                  mode: AlignmentMode = DEFAULTS.mode,
                  finetune_modules: list[str] | Literal["all"] | None = DEFAULTS.finetune_modules,
                  finetune_steps: int = DEFAULTS.finetune_steps, lr: float = DEFAULTS.lr,

@@ -129,7 +129,7 @@ class EWCUnlearning(Treatment):
 
     needs_fisher = True
 
-    def __init__(self, objective: Objective = DEFAULTS.objective, gamma: float = DEFAULTS.gamma,
+    def __init__(self, *, objective: Objective = DEFAULTS.objective, gamma: float = DEFAULTS.gamma,
                  lr: float = DEFAULTS.lr, max_steps: int = DEFAULTS.max_steps, eval_every: int = DEFAULTS.eval_every,
                  patience: int = DEFAULTS.patience, modules: list[str] | Literal["all"] | None = DEFAULTS.modules
                  ) -> None:

@@ -66,7 +66,7 @@ class Finetune(Treatment):
         eval_every: steps between the candidates the judge rates.
     """
 
-    def __init__(self, steps: int = DEFAULTS.steps, lr: float = DEFAULTS.lr, eval_every: int = DEFAULTS.eval_every
+    def __init__(self, *, steps: int = DEFAULTS.steps, lr: float = DEFAULTS.lr, eval_every: int = DEFAULTS.eval_every
                  ) -> None:
         if steps < 1 or lr <= 0 or eval_every < 1:
             raise ValueError(f"Finetune needs steps ≥ 1, lr > 0 and eval_every ≥ 1, got {steps}, {lr}, {eval_every}. "

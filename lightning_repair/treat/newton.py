@@ -260,7 +260,7 @@ class NewtonRemoval(Treatment):
             or module names.
     """
 
-    def __init__(self, damping: float = DEFAULTS.damping,
+    def __init__(self, *, damping: float = DEFAULTS.damping,
                  gamma_multipliers: Sequence[float] = DEFAULTS.gamma_multipliers, inverse: Inverse = DEFAULTS.inverse,
                  lissa_steps: int = DEFAULTS.lissa_steps, lissa_scale: float | None = DEFAULTS.lissa_scale,
                  lissa_damping: float = DEFAULTS.lissa_damping, step: Step = DEFAULTS.step,
