@@ -32,6 +32,7 @@ points: ``truncation_error_bound(T, N) = 1/T - 1/N``. Being means, the estimates
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,11 @@ class KNNShapleyDefaults:
 
 
 DEFAULTS = KNNShapleyDefaults()
+
+CHUNK_ELEMENTS = 2**21
+"""At most this many utility-point × training-point distances at once (8 MB in float32; the chunk's top-T
+bookkeeping in float64 is smaller), whatever ``batch_size``: the round's memory then grows with N only by the
+embeddings and a few numbers per example."""
 
 
 def _validate(
@@ -242,7 +248,8 @@ def knn_shapley_values(
             on the same device as ``train_embeddings``.
         utility_labels: Utility-point class labels, shape (U,).
         k: Number of nearest neighbours K of the KNN utility; K > N is allowed.
-        batch_size: Number of utility points whose distances are computed at once.
+        batch_size: At most this many utility points whose distances are computed at once (fewer when
+            N is large: a chunk holds at most ``CHUNK_ELEMENTS`` distances).
         truncation: T, the neighbours ranked per utility point (``torch.topk``): every value then differs from
             the exact one by at most ``truncation_error_bound(T, N) = 1/T - 1/N`` (module docstring). None (the
             default) or T ≥ N gives the exact values. :func:`truncation_for` picks T from a tolerance.
@@ -289,8 +296,9 @@ def knn_shapley_values(
 
     totals = torch.zeros(n, device=device, dtype=torch.float64)
     mine = ranks.share(num_utility)
-    for start in range(mine.start, mine.stop, batch_size):
-        stop = min(start + batch_size, mine.stop)
+    rows = max(1, min(batch_size, CHUNK_ELEMENTS // n))  # a chunk's B × N distances stay within the budget
+    for start in range(mine.start, mine.stop, rows):
+        stop = min(start + rows, mine.stop)
         chunk_lab = utility_labels[start:stop]
         # ‖a - b‖² - ‖a‖²: the utility point's own norm does not change the order along its row.
         distances = torch.addmm(squared_norms, utility_embeddings[start:stop].to(dtype) - center, train.T, alpha=-2)
@@ -324,42 +332,9 @@ def knn_shapley_values(
     return ranks.sum(totals) / num_utility
 
 
-def knn_shapley_scores(
-    train_embeddings: Tensor,
-    train_labels: Tensor,
-    utility_embeddings: Tensor,
-    utility_labels: Tensor,
-    *,
-    k: int = DEFAULTS.k,
-    batch_size: int = DEFAULTS.batch_size,
-    truncation: int | None = None,
-    ranks: Ranks = SINGLE_PROCESS,
-) -> Tensor:
-    """Negated KNN-Shapley values, so that higher = more likely a cause of failures.
-
-    Args:
-        train_embeddings: Training embeddings phi(x), shape (N, d), floating point.
-        train_labels: Training class labels, shape (N,).
-        utility_embeddings: Failure-set embeddings, shape (U, d), floating point.
-        utility_labels: Failure-set class labels, shape (U,).
-        k: Number of nearest neighbours K of the KNN utility.
-        batch_size: Number of utility points whose distances are computed at once.
-        truncation: T, the neighbours ranked per utility point; None: exact (see :func:`knn_shapley_values`).
-        ranks: the processes to split the utility points across.
-
-    Returns:
-        Float64 tensor of shape (N,) equal to ``-knn_shapley_values(...)``.
-    """
-    return -knn_shapley_values(
-        train_embeddings,
-        train_labels,
-        utility_embeddings,
-        utility_labels,
-        k=k,
-        batch_size=batch_size,
-        truncation=truncation,
-        ranks=ranks,
-    )
+def knn_shapley_scores(*args: Any, **kwargs: Any) -> Tensor:
+    """Negated :func:`knn_shapley_values`, with the same arguments, so that higher = more likely a cause."""
+    return -knn_shapley_values(*args, **kwargs)
 
 
 def embedding_module(model: nn.Module) -> str:
@@ -419,7 +394,7 @@ class KNNShapley(Scorer):
         module: name of the module whose input is the embedding φ(x); default the last ``nn.Linear``.
         utility: ``"query"`` (F_q, the default) or ``"trusted"`` (F_q ∪ R_q: every validation example a method
             may read; the callback's R_q is half of the correctly classified ones).
-        batch_size: utility points per distance computation.
+        batch_size: at most this many utility points per distance computation (see ``CHUNK_ELEMENTS``).
         tolerance: the most any value may differ from the exact one; it sets the truncation T, the neighbours
             ranked per utility point, to the smallest with 1/T − 1/N ≤ tolerance (:func:`truncation_for`).
             None computes the exact values (a full sort of D per utility point).
@@ -428,7 +403,7 @@ class KNNShapley(Scorer):
     natural_threshold = 0.0
     shardable = False
 
-    def __init__(self, k: int = DEFAULTS.k, module: str | None = None, utility: str = "query",
+    def __init__(self, *, k: int = DEFAULTS.k, module: str | None = None, utility: str = "query",
                  batch_size: int = DEFAULTS.batch_size, tolerance: float | None = DEFAULTS.tolerance) -> None:
         if utility not in ("query", "trusted"):
             raise ValueError(f"utility must be 'query' or 'trusted', got {utility!r}.")
