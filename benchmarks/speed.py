@@ -526,9 +526,10 @@ def _why(key: str, result: dict) -> str:
                  "suspects + treatment": "round_treatment", "predict after + CSV": "round_other"}
         biggest = max(parts, key=lambda p: rows[parts[p]]["seconds"])
         listing = ", ".join(f"{p} {rows[k]['seconds'] / unit:.2f}" for p, k in parts.items())
-        return (f"Per phase, in epochs: {listing}; the largest is {biggest}. Closing it: make that phase cheaper "
-                "(for the scores, see EWC influence above; for the treatment, fewer EWC-unlearning steps or "
-                "validations).")
+        return (f"Per phase, in epochs: {listing}; the largest is {biggest}. Closing it: the scores are "
+                "KNN-Shapley's embedding pass over D (see its row), near the no-grad forward pass that bounds any "
+                "scorer; the treatment's time is mostly its candidates' judgements, a prediction of F_q and R_q "
+                "every `eval_every` steps, which a larger repair batch or fewer judgements would cut.")
     return ""
 
 
