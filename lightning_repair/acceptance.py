@@ -99,6 +99,10 @@ def estimated_accuracy(failures_correct: Tensor, remaining_correct: Tensor, fail
     return failure_share * _mean(failures_correct) + (1.0 - failure_share) * _mean(remaining_correct)
 
 
+Correctness = Callable[[nn.Module], Tensor]
+"""Whether a model classifies each of a fixed set of examples correctly, in a fixed order (bool, on the CPU)."""
+
+
 class Judge:
     """Rates candidate models against the reference θ̂ by :func:`compare` on a failures part and a remaining part.
 
@@ -106,8 +110,9 @@ class Judge:
 
     Args:
         reference: the model at θ̂.
-        failures: a loader over failures (F_q in the callback's treatments).
-        remaining: a loader over correctly classified examples (R_q), or None.
+        failures: a loader over failures (F_q in the callback's treatments), or a :data:`Correctness` on them (the
+            round's reads cached head inputs where it can).
+        remaining: a loader over correctly classified examples (R_q), a :data:`Correctness` on them, or None.
         failure_share: π_F = |F| / |V|. With ``remaining=None`` use 1.0: the rating is plain accuracy on
             ``failures``.
         margin: paired standard errors a candidate must beat θ̂ by.
@@ -115,13 +120,13 @@ class Judge:
         adapter: how to read batches and logits.
     """
 
-    def __init__(self, reference: nn.Module, failures: DataLoader, remaining: DataLoader | None,
-                 failure_share: float, *, margin: float = DEFAULT_MARGIN, max_remaining_drop: float | None = None,
-                 adapter: BatchAdapter | None = None) -> None:
-        self.failures, self.remaining = failures, remaining
+    def __init__(self, reference: nn.Module, failures: DataLoader | Correctness,
+                 remaining: DataLoader | Correctness | None, failure_share: float, *, margin: float = DEFAULT_MARGIN,
+                 max_remaining_drop: float | None = None, adapter: BatchAdapter | None = None) -> None:
+        adapter = adapter or BatchAdapter()
+        self.failures, self.remaining = _correctness_on(failures, adapter), _correctness_on(remaining, adapter)
         self.failure_share, self.margin, self.max_remaining_drop = failure_share, margin, max_remaining_drop
-        self.adapter = adapter or BatchAdapter()
-        self.failures_before, self.remaining_before = self._correctness(reference)
+        self.failures_before, self.remaining_before = self.failures(reference), self.remaining(reference)
 
     @classmethod
     def accuracy_on(cls, reference: nn.Module, loader: DataLoader, *, margin: float = DEFAULT_MARGIN,
@@ -131,14 +136,18 @@ class Judge:
 
     def verdict(self, candidate: nn.Module) -> Verdict:
         """The acceptance test of ``candidate`` against θ̂."""
-        failures_after, remaining_after = self._correctness(candidate)
-        return compare(self.failures_before, failures_after, self.remaining_before, remaining_after,
-                       self.failure_share, margin=self.margin, max_remaining_drop=self.max_remaining_drop)
+        return compare(self.failures_before, self.failures(candidate), self.remaining_before,
+                       self.remaining(candidate), self.failure_share, margin=self.margin,
+                       max_remaining_drop=self.max_remaining_drop)
 
-    def _correctness(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        remaining = correctness(model, self.remaining, self.adapter) if self.remaining is not None else \
-            torch.zeros(0, dtype=torch.bool)
-        return correctness(model, self.failures, self.adapter), remaining
+
+def _correctness_on(examples: DataLoader | Correctness | None, adapter: BatchAdapter) -> Correctness:
+    """A loader's examples as a :data:`Correctness` (by forward passes); None as no examples."""
+    if examples is None:
+        return lambda model: torch.zeros(0, dtype=torch.bool)
+    if isinstance(examples, DataLoader):
+        return lambda model: correctness(model, examples, adapter)
+    return examples
 
 
 def as_judge(judge: "Judge | DataLoader", reference: nn.Module, adapter: BatchAdapter | None = None) -> Judge:

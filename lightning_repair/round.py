@@ -21,12 +21,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_repair.acceptance import DEFAULT_MARGIN, Judge, Verdict, compare
+from lightning_repair.acceptance import DEFAULT_MARGIN, Correctness, Judge, Verdict, compare, correctness
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import BACKENDS, FISHER_KINDS, FisherKind, choose_backend, diagonal_fisher, forked_rng
 from lightning_repair.distributed import SINGLE_PROCESS, Ranks
 from lightning_repair.examples import Examples
 from lightning_repair.failures import FailureSet, accuracy, hold_back, predict, split_failures
+from lightning_repair.head_cache import HeadCache
 from lightning_repair.identify import KNNShapley, Scorer, ScoringInputs
 from lightning_repair.identify.base import Progress, no_progress
 from lightning_repair.params import repair_copy
@@ -233,6 +234,7 @@ class _Round:
         self.record = RoundRecord(round=number, scorer=repr(settings.scorer), treatment=repr(settings.treatment),
                                   removed_total=len(removed))
         self.backend = settings.backend
+        self.head_cache: HeadCache | None = None
         self.clock = _Clock()
 
     def run(self, epoch: int | None, global_step: int | None, flipped: Tensor | None,
@@ -264,7 +266,7 @@ class _Round:
             return self.skipped("would remove everything")
         suspects = self.suspects(scores, causes)
         if len(causes):
-            self.treat(failures, fisher, causes)
+            self.treat(failures, labels, fisher, causes)
         record.seconds_treatment = self.clock.lap()
         self.accept(failures, predictions, labels, bool(len(causes)))
         record.causes = len(causes)
@@ -344,14 +346,16 @@ class _Round:
         predicted, given = predict(self.model, self.train.subset(order).loader(), self.adapter)
         return Suspects(order, given, predicted)
 
-    def treat(self, failures: FailureSet, fisher: list[Tensor] | None, causes: Tensor) -> None:
+    def treat(self, failures: FailureSet, labels: Tensor, fisher: list[Tensor] | None, causes: Tensor) -> None:
         """Moves the repair copy from θ̂ to the treatment's choice among its candidates (judged on F_q and R_q)."""
         settings, train = self.settings, self.train
         generator = torch.Generator().manual_seed(self.seed)
         without_causes = self.kept[~torch.isin(self.kept, causes)]
-        judge = Judge(self.model, self.query, self.validation.subset(failures.guard).loader(), self.failure_share,
-                      margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop,
-                      adapter=self.adapter)
+        # The head's inputs over V at θ̂: candidates that moved only the head are then predicted without a forward pass.
+        self.head_cache, _ = HeadCache.record(self.model, self.validation.loader(), self.adapter)
+        judge = Judge(self.model, self.correctness_on(failures.query, labels),
+                      self.correctness_on(failures.guard, labels), self.failure_share,
+                      margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop)
         choice = settings.treatment.treat(TreatmentInputs(
             model=self.model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
             kept=train.subset(without_causes).loader(shuffle=True, generator=generator), query=self.query,
@@ -362,8 +366,7 @@ class _Round:
     def accept(self, failures: FailureSet, before: Tensor, labels: Tensor, treated: bool) -> None:
         """The acceptance rule on F_h and R, the parts no method read: keep the repair, or roll it back."""
         settings, record = self.settings, self.record
-        # A treatment that kept θ̂ changed no prediction: the pass over V is skipped, not repeated.
-        after = self.predict()[0] if self.moved() else before
+        after = self.predictions_after() if self.moved() else before  # θ̂ kept: no prediction changed
         self.set_accuracies(failures, after, labels, "after")
         holdout, remaining = failures.holdout, failures.remaining
         verdict = compare(before[holdout] == labels[holdout], after[holdout] == labels[holdout],
@@ -378,6 +381,24 @@ class _Round:
             rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.")
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
+
+    def correctness_on(self, positions: Tensor, labels: Tensor) -> Correctness:
+        """Whether a model classifies the validation examples at ``positions`` correctly: from the head cache where
+        it serves, else by a forward pass."""
+        loader = self.validation.subset(positions).loader()
+
+        def correct(model: nn.Module) -> Tensor:
+            predicted = self.head_cache.predictions(model) if self.head_cache is not None else None
+            if predicted is None:
+                return correctness(model, loader, self.adapter)
+            return predicted[positions] == labels[positions]
+
+        return correct
+
+    def predictions_after(self) -> Tensor:
+        """The treated copy's predictions on V: from the head cache where it serves, else predicted."""
+        cached = self.head_cache.predictions(self.model) if self.head_cache is not None else None
+        return cached if cached is not None else self.predict()[0]
 
     def moved(self) -> bool:
         """Whether the repair copy's weights differ from the module's, θ̂."""

@@ -1,0 +1,152 @@
+"""The head cache predicts exactly what a forward pass would, and declines wherever it could not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import BlobsDataModule, TinyClassifier
+from lightning_repair import RepairRound
+from lightning_repair import round as round_module
+from lightning_repair.failures import predict
+from lightning_repair.head_cache import HeadCache
+from lightning_repair.identify import TrainingLoss
+from lightning_repair.treat import EWCUnlearning, Finetune
+
+
+def _loader(n: int = 100, features: int = 6, classes: int = 4) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, features, generator=generator)
+    return DataLoader(TensorDataset(x, torch.randint(classes, (n,), generator=generator)), batch_size=16)
+
+
+def _mlp(features: int = 6, classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(features, 12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, classes)).eval()
+
+
+def _nudge_(module: nn.Module, scale: float = 0.5) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def test_a_moved_head_is_predicted_from_its_inputs_exactly_as_by_a_forward_pass():
+    model, loader = _mlp(), _loader()
+    cache, predicted = HeadCache.record(model, loader)
+    assert cache is not None and cache.head is model[3]
+    assert torch.equal(predicted, predict(model, loader)[0]) and torch.equal(cache.predictions(model), predicted)
+
+    passes = []
+    model[0].register_forward_hook(lambda *_: passes.append(1))
+    _nudge_(model[3], 2.0)
+    from_cache = cache.predictions(model)
+    passes.clear()
+    assert torch.equal(from_cache, predict(model, loader)[0]) and passes  # the reference ran the body ...
+    passes.clear()
+    cache.predictions(model)
+    assert not passes  # ... the cache did not (after its one check of the first moved head)
+    assert not torch.equal(from_cache, predicted)  # the nudge changed predictions, so the test compares something
+
+
+@pytest.mark.parametrize("change", ["body moved", "buffer changed", "train mode", "another model"])
+def test_the_cache_declines_whenever_more_than_the_head_changed(change):
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 4)).eval()
+    cache, _ = HeadCache.record(model, _loader())
+    assert cache is not None
+    _nudge_(model[3])
+    other = model
+    if change == "body moved":
+        _nudge_(model[0])
+    elif change == "buffer changed":
+        model[1].running_mean += 1
+    elif change == "train mode":
+        model.train()
+    else:
+        other = copy.deepcopy(model)
+    assert cache.predictions(other) is None
+
+
+class Tempered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x))) / 2.0  # the head's output is not the logits
+
+
+class Tied(nn.Module):
+    """The head's weight also feeds the features: moving the head moves its own inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x) + F.linear(x[:, :4], self.head.weight)))
+
+
+class SharedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.head.weight = self.first.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.first(x[:, :4])))
+
+
+@pytest.mark.parametrize("module", [Tempered, SharedHead])
+def test_a_head_whose_output_is_not_the_logits_or_that_shares_weights_is_not_cached(module):
+    torch.manual_seed(0)
+    cache, predicted = HeadCache.record(module().eval(), _loader())
+    assert cache is None and len(predicted) == 100
+
+
+def test_weight_tying_through_a_functional_call_is_caught_when_the_head_first_moves():
+    torch.manual_seed(0)
+    model, loader = Tied().eval(), _loader()
+    cache, _ = HeadCache.record(model, loader)
+    assert cache is not None and cache.predictions(model) is not None  # at θ̂ the recorded inputs are right
+    _nudge_(model.head, 2.0)
+    assert cache.predictions(model) is None and cache.predictions(model) is None
+
+
+def test_inputs_beyond_the_budget_are_not_kept():
+    cache, predicted = HeadCache.record(_mlp(), _loader(), max_elements=12 * 50)
+    assert cache is None and len(predicted) == 100
+
+
+@pytest.mark.parametrize("treatment, served", [(EWCUnlearning(), True), (EWCUnlearning(modules="all"), False),
+                                                (Finetune(), False)])
+def test_a_round_decides_the_same_with_and_without_the_cache(monkeypatch, treatment, served):
+    torch.manual_seed(0)
+    model, data = TinyClassifier(), BlobsDataModule()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        for x, y, _ in data.train_dataloader():
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    settings = RepairRound(scorer=TrainingLoss(), treatment=treatment, selection={"top_k": 30})
+    answers = []
+    predictions = HeadCache.predictions
+    monkeypatch.setattr(HeadCache, "predictions", lambda self, model: answers.append(predictions(self, model)) or
+                        answers[-1])
+    cached = settings.run(model, data.train_dataloader(), data.val_dataloader())
+    # θ̂ (the first two) and, when only the head moves, every candidate come from the cache; nothing else does.
+    assert len(answers) > 2 and all((answer is not None) == served for answer in answers[2:])
+    monkeypatch.setattr(round_module.HeadCache, "record", classmethod(
+        lambda cls, model, loader, adapter=None: (None, predict(model, loader, adapter)[0])))
+    uncached = settings.run(model, data.train_dataloader(), data.val_dataloader())
+    assert cached.record.candidates_rated and cached.record.candidates_rated > 1
+    timing = {key for key in cached.record.to_dict() if key.startswith("seconds_")}
+    assert {k: v for k, v in cached.record.items() if k not in timing} == \
+        {k: v for k, v in uncached.record.items() if k not in timing}
+    assert all(torch.equal(a, b) for a, b in zip(cached.model.parameters(), uncached.model.parameters()))
