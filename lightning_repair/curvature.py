@@ -73,8 +73,14 @@ def endless(loader: Iterable) -> Iterator:
             raise ValueError("Cannot draw batches from an empty loader (e.g. D \\ C or the causes C is empty).")
 
 
-def checked_logits(model: nn.Module, inputs: Any, labels: Tensor, adapter: BatchAdapter) -> Tensor:
-    """Logits of ``inputs``, checked to be class scores that the labels index into."""
+def checked_logits(model: nn.Module, inputs: Any, labels: Tensor, adapter: BatchAdapter, *,
+                   check_values: bool = True) -> Tensor:
+    """Logits of ``inputs``, checked to be class scores that the labels index into.
+
+    The shape checks cost nothing; the value checks (probabilities instead of logits, labels out of range) read
+    the values back to the host, so a pass over many batches makes them on its first batch only
+    (``check_values=False`` after it).
+    """
     logits = adapter.logits(model, inputs)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -87,6 +93,8 @@ def checked_logits(model: nn.Module, inputs: Any, labels: Tensor, adapter: Batch
             f"The model returned {logits.shape[1]} output per example; RepairCallback repairs classifiers and needs "
             "class logits of shape (batch, classes ≥ 2), not a regression or single-logit head."
         )
+    if not check_values:
+        return logits
     if (logits.detach() >= 0).all() and torch.allclose(logits.detach().sum(dim=1), logits.new_ones(()), atol=1e-5):
         raise ValueError(
             "The model's outputs are probabilities (non-negative, summing to 1): RepairCallback needs logits, "

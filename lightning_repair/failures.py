@@ -46,15 +46,16 @@ class FailureSet:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None = None) -> tuple[Tensor, Tensor]:
-    """Predicted classes and given labels of every example of ``loader``, in order, on the CPU."""
+    """Predicted classes and given labels of every example of ``loader``, in order, on the CPU (one copy back at
+    the end, none per batch)."""
     adapter = adapter or BatchAdapter()
     predictions, labels = [], []
-    for inputs, y in batches(loader, model, adapter):
-        predictions.append(checked_logits(model, inputs, y, adapter).argmax(dim=1).cpu())
-        labels.append(y.cpu())
+    for index, (inputs, y) in enumerate(batches(loader, model, adapter)):
+        predictions.append(checked_logits(model, inputs, y, adapter, check_values=index == 0).argmax(dim=1))
+        labels.append(y)
     if not predictions:
         return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(predictions), torch.cat(labels)
+    return torch.cat(predictions).cpu(), torch.cat(labels).cpu()
 
 
 def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 0.5,

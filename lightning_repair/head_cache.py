@@ -55,33 +55,38 @@ class HeadCache:
         adapter = adapter or BatchAdapter()
         head, reason = _last_module_with_parameters(model, loader, adapter)
         recorded: list[Tensor] = []
-        calls, recording = [0], [True]
+        calls, recording = [0], [reason is None]
 
         def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not recording[0]:
-                return
-            calls[0] += 1
-            if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-                recorded.append(args[0].detach().clone())
+            if recording[0]:
+                calls[0] += 1
+                if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+                    recorded.append(args[0].detach().clone())
+
+        def declined(why: str) -> str:
+            recording[0] = False
+            recorded.clear()
+            return why
 
         handle = head.register_forward_pre_hook(keep_input, with_kwargs=True) if head is not None else None
-        predictions, agrees, probe, elements = [], torch.ones((), dtype=torch.bool, device=model_device(model)), None, 0
+        device = model_device(model)
+        predictions, agrees, probe, elements = [], torch.ones((), dtype=torch.bool, device=device), None, 0
         try:
-            for inputs, labels in batches(loader, model, adapter):
+            for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
                 calls[0], before = 0, len(recorded)
-                logits = checked_logits(model, inputs, labels, adapter)
+                logits = checked_logits(model, inputs, labels, adapter, check_values=index == 0)
                 predictions.append(logits.argmax(dim=1))
                 if reason is not None:
                     continue
                 if calls[0] != 1 or len(recorded) != before + 1:
-                    reason = "the head is called more than once per batch, or with more than one tensor"
+                    reason = declined("the head is called more than once per batch, or with more than one tensor")
                     continue
                 elements += recorded[-1].numel()
                 if elements > max_elements:
-                    reason = f"its inputs over V would exceed {max_elements:,} numbers"
+                    reason = declined(f"its inputs over V would exceed {max_elements:,} numbers")
                     continue
                 probe = inputs if probe is None else probe
-                recording[0] = False
+                recording[0] = False  # the check below calls the head
                 agrees = agrees & _close(head(recorded[-1]), logits)  # on the device: no host sync per batch
                 recording[0] = True
         finally:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import BlobsDataModule, TinyClassifier
 from lightning_repair import RepairRound
@@ -150,3 +151,25 @@ def test_a_round_decides_the_same_with_and_without_the_cache(monkeypatch, treatm
     assert {k: v for k, v in cached.record.items() if k not in timing} == \
         {k: v for k, v in uncached.record.items() if k not in timing}
     assert all(torch.equal(a, b) for a, b in zip(cached.model.parameters(), uncached.model.parameters()))
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value back to the host (``bool(t)``, ``t.item()``): each is a sync on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("passes", [predict, HeadCache.record])
+def test_a_pass_over_many_batches_reads_values_back_as_often_as_over_one(passes):
+    def reads(n: int) -> int:
+        with _HostReads() as counter:
+            passes(_mlp(), _loader(n))
+        return counter.count
+
+    assert reads(160) == reads(16) <= 8  # the value checks run on the first batch; the cache checks once at the end
