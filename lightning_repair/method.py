@@ -6,8 +6,10 @@ from __future__ import annotations
 class Method:
     """A scorer or treatment whose attributes are its hyperparameters.
 
-    Its repr lists them, so a round's record and the callback's state key name the configuration:
-    ``NewtonRemoval(damping=0.001, ...)``.
+    The built-in methods are ``@dataclass(kw_only=True)`` classes: their fields are the hyperparameters, each
+    default written once, on its field, and the dataclass repr names the configuration, from which a round's record
+    and the callback's state key are built: ``NewtonRemoval(damping=0.001, ...)``. This repr gives a subclass that
+    is not a dataclass the same form, from its attributes, so that its state key too is the same in every run.
     """
 
     def __repr__(self) -> str:

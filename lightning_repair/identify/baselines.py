@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -22,6 +24,7 @@ def training_loss(model: nn.Module, loader: DataLoader, *, adapter: BatchAdapter
     return torch.cat(losses) if losses else torch.empty(0)
 
 
+@dataclass(kw_only=True)
 class TrainingLoss(Scorer):
     """Baseline: rank by the per-example training loss ℓ(z; θ̂); ignores the failures."""
 
@@ -29,6 +32,7 @@ class TrainingLoss(Scorer):
         return training_loss(inputs.model, inputs.train, adapter=inputs.adapter, progress=inputs.progress)
 
 
+@dataclass(kw_only=True)
 class RandomScores(Scorer):
     """Baseline: uniform random scores, seeded per round."""
 

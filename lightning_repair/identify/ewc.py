@@ -8,6 +8,7 @@ Two forward passes over D, no per-example gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,7 @@ def ewc_influence(model: nn.Module, train_loader: DataLoader, failure_loader: Da
     return loss_change(model, plus, train_loader, adapter, progress)
 
 
+@dataclass(kw_only=True)
 class EWCInfluence(Scorer):
     """EWC influence of Tanno et al. 2022: fit θ₊F to F_q under the Fisher anchor, score the loss change.
 
@@ -58,11 +60,14 @@ class EWCInfluence(Scorer):
 
     needs_fisher = True
 
-    def __init__(self, *, lr: float = FIT_DEFAULTS.lr, max_steps: int = FIT_DEFAULTS.max_steps,
-                 l2: float = FIT_DEFAULTS.l2) -> None:
-        if lr <= 0 or max_steps < 1 or l2 < 0:
-            raise ValueError(f"EWCInfluence needs lr > 0, max_steps ≥ 1 and l2 ≥ 0; got {lr}, {max_steps}, {l2}.")
-        self.lr, self.max_steps, self.l2 = lr, max_steps, l2
+    lr: float = FIT_DEFAULTS.lr
+    max_steps: int = FIT_DEFAULTS.max_steps
+    l2: float = FIT_DEFAULTS.l2
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.max_steps < 1 or self.l2 < 0:
+            raise ValueError(f"EWCInfluence needs lr > 0, max_steps ≥ 1 and l2 ≥ 0; got {self.lr}, {self.max_steps}, "
+                             f"{self.l2}.")
 
     def score(self, inputs: ScoringInputs) -> Tensor:
         fit = inputs.query if inputs.query_fit is None else inputs.query_fit  # F_q without the early-stop part

@@ -27,16 +27,58 @@ ScoringMethod = Literal["jvp", "backpack"]
 SCORING_METHODS = ("jvp", "backpack")
 
 
-@dataclass(frozen=True)
-class LinearInfluenceDefaults:
-    """The defaults of linear influence and gradient dot, written once for their classes and
-    :func:`linear_influence`."""
+def _check_method(method: str) -> None:
+    if method not in SCORING_METHODS:
+        raise ValueError(f"Unknown scoring method {method!r}; choose one of {SCORING_METHODS}.")
+
+
+@dataclass(kw_only=True)
+class LinearInfluence(Scorer):
+    """Linear (natural-gradient) influence of Tanno et al. 2022: one pass over D with per-example gradients.
+
+    Args:
+        damping: δ added to the Fisher before inverting it, relative to the Fisher's mean entry.
+        method: how to get ∇ℓ(z)ᵀv: ``"jvp"`` (forward-mode AD, about one forward pass over the training set;
+            falls back to ``"backpack"`` with a warning on models it cannot differentiate) or ``"backpack"``
+            (BackPACK per-example gradients). Same scores.
+    """
+
+    needs_fisher = True
 
     damping: float = FISHER_DAMPING
     method: ScoringMethod = "jvp"
 
+    def __post_init__(self) -> None:
+        if self.damping <= 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}.")
+        _check_method(self.method)
 
-DEFAULTS = LinearInfluenceDefaults()
+    def score(self, inputs: ScoringInputs) -> Tensor:
+        return linear_influence(inputs.model, inputs.train, inputs.query, inputs.fisher, damping=self.damping,
+                                method=self.method, adapter=inputs.adapter, progress=inputs.progress)
+
+
+DEFAULTS = LinearInfluence()  # the functions below default to its hyperparameters
+
+
+@dataclass(kw_only=True)
+class GradientDot(Scorer):
+    """Baseline: r(z) = −∇ℓ(z)ᵀ g_F, linear influence with the identity instead of the Fisher (TracIn at one
+    checkpoint).
+
+    Args:
+        method: how to get ∇ℓ(z)ᵀg_F: ``"jvp"`` (forward-mode AD, the default) or ``"backpack"``; see
+            :class:`LinearInfluence`.
+    """
+
+    method: ScoringMethod = DEFAULTS.method
+
+    def __post_init__(self) -> None:
+        _check_method(self.method)
+
+    def score(self, inputs: ScoringInputs) -> Tensor:
+        return linear_influence(inputs.model, inputs.train, inputs.query, None, method=self.method,
+                                adapter=inputs.adapter, progress=inputs.progress)
 
 
 def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor],
@@ -160,50 +202,3 @@ def linear_influence(model: nn.Module, train_loader: DataLoader, failure_loader:
     """
     direction = natural_gradient(loss_gradient(model, failure_loader, adapter), fisher, damping=damping)
     return -_alignment(model, train_loader, direction, method=method, adapter=adapter, progress=progress)
-
-
-class LinearInfluence(Scorer):
-    """Linear (natural-gradient) influence of Tanno et al. 2022: one pass over D with per-example gradients.
-
-    Args:
-        damping: δ added to the Fisher before inverting it, relative to the Fisher's mean entry.
-        method: how to get ∇ℓ(z)ᵀv: ``"jvp"`` (forward-mode AD, about one forward pass over the training set;
-            falls back to ``"backpack"`` with a warning on models it cannot differentiate) or ``"backpack"``
-            (BackPACK per-example gradients). Same scores.
-    """
-
-    needs_fisher = True
-
-    def __init__(self, *, damping: float = DEFAULTS.damping, method: ScoringMethod = DEFAULTS.method) -> None:
-        if damping <= 0:
-            raise ValueError(f"damping must be > 0, got {damping}.")
-        _check_method(method)
-        self.damping = damping
-        self.method = method
-
-    def score(self, inputs: ScoringInputs) -> Tensor:
-        return linear_influence(inputs.model, inputs.train, inputs.query, inputs.fisher, damping=self.damping,
-                                method=self.method, adapter=inputs.adapter, progress=inputs.progress)
-
-
-class GradientDot(Scorer):
-    """Baseline: r(z) = −∇ℓ(z)ᵀ g_F, linear influence with the identity instead of the Fisher (TracIn at one
-    checkpoint).
-
-    Args:
-        method: how to get ∇ℓ(z)ᵀg_F: ``"jvp"`` (forward-mode AD, the default) or ``"backpack"``; see
-            :class:`LinearInfluence`.
-    """
-
-    def __init__(self, *, method: ScoringMethod = DEFAULTS.method) -> None:
-        _check_method(method)
-        self.method = method
-
-    def score(self, inputs: ScoringInputs) -> Tensor:
-        return linear_influence(inputs.model, inputs.train, inputs.query, None, method=self.method,
-                                adapter=inputs.adapter, progress=inputs.progress)
-
-
-def _check_method(method: str) -> None:
-    if method not in SCORING_METHODS:
-        raise ValueError(f"Unknown scoring method {method!r}; choose one of {SCORING_METHODS}.")

@@ -47,17 +47,59 @@ from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_p
 from lightning_repair.params import last_linear_name
 
 
-@dataclass(frozen=True)
-class KNNShapleyDefaults:
-    """The defaults of :class:`KNNShapley` and :func:`knn_shapley_values`, written once."""
+@dataclass(kw_only=True)
+class KNNShapley(Scorer):
+    """KNN-Shapley values (Jia et al. 2019; the report's proposal 2), truncated within a tolerance; score = −value.
+
+    A negative value marks an example that hurts the K-nearest-neighbour classifier on the utility points, so
+    the natural cause set is {value < 0} and needs no K: the callback uses it when given no selection.
+    Under DDP (``inputs.ranks``) each rank embeds a share of D and of the utility points, and values against a
+    share of the utility points; every rank ends with the same scores.
+
+    Args:
+        k: neighbours of the KNN utility.
+        module: name of the module whose input is the embedding φ(x); default the last ``nn.Linear``.
+        utility: ``"query"`` (F_q, the default) or ``"trusted"`` (F_q ∪ R_q: every validation example a method
+            may read; the callback's R_q is half of the correctly classified ones).
+        batch_size: at most this many utility points per distance computation (see ``CHUNK_ELEMENTS``).
+        tolerance: the most any value may differ from the exact one; it sets the truncation T, the neighbours
+            ranked per utility point, to the smallest with 1/T − 1/N ≤ tolerance (:func:`truncation_for`).
+            None computes the exact values (a full sort of D per utility point).
+    """
+
+    natural_threshold = 0.0
+    shardable = False
 
     k: int = 5
+    module: str | None = None
+    utility: str = "query"
     batch_size: int = 256
-    # The scorer's: at N = 50,000 it ranks T = 8,334 neighbours (benchmarks/results/knn_speed.md).
+    # At N = 50,000 this ranks T = 8,334 neighbours per utility point (benchmarks/results/knn_speed.md).
     tolerance: float | None = 1e-4
 
+    def __post_init__(self) -> None:
+        if self.utility not in ("query", "trusted"):
+            raise ValueError(f"utility must be 'query' or 'trusted', got {self.utility!r}.")
+        if self.k < 1:
+            raise ValueError(f"k must be ≥ 1, got {self.k}.")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance!r}; use tolerance=None for exact values.")
 
-DEFAULTS = KNNShapleyDefaults()
+    def score(self, inputs: ScoringInputs) -> Tensor:
+        utility_loader = inputs.query if self.utility == "query" else inputs.trusted
+        if utility_loader is None:
+            raise ValueError("KNNShapley(utility='trusted') needs F_q ∪ R_q (`inputs.trusted`), which these inputs "
+                             "do not provide.")
+        model, ranks, adapter = inputs.model, inputs.ranks, inputs.adapter
+        train_x, train_y = _shared_embeddings(model, inputs.train, "training", ranks, self.module, adapter,
+                                              inputs.progress)
+        utility_x, utility_y = _shared_embeddings(model, utility_loader, "validation", ranks, self.module, adapter)
+        truncation = None if self.tolerance is None else truncation_for(self.tolerance, len(train_y), self.k)
+        return knn_shapley_scores(train_x, train_y, utility_x, utility_y, k=self.k, batch_size=self.batch_size,
+                                  truncation=truncation, ranks=ranks).float().cpu()
+
+
+DEFAULTS = KNNShapley()  # the functions below default to its hyperparameters
 
 CHUNK_ELEMENTS = 2**21
 """At most this many utility-point × training-point distances at once (8 MB in float32; the chunk's top-T
@@ -379,49 +421,3 @@ def _shared_embeddings(model: nn.Module, loader: DataLoader, role: str, ranks: R
 
     both = ranks.gather(torch.arange(len(loader.dataset)), embed)
     return both[:, :-1], both[:, -1].long()
-
-
-class KNNShapley(Scorer):
-    """KNN-Shapley values (Jia et al. 2019; the report's proposal 2), truncated within a tolerance; score = −value.
-
-    A negative value marks an example that hurts the K-nearest-neighbour classifier on the utility points, so
-    the natural cause set is {value < 0} and needs no K: the callback uses it when given no selection.
-    Under DDP (``inputs.ranks``) each rank embeds a share of D and of the utility points, and values against a
-    share of the utility points; every rank ends with the same scores.
-
-    Args:
-        k: neighbours of the KNN utility.
-        module: name of the module whose input is the embedding φ(x); default the last ``nn.Linear``.
-        utility: ``"query"`` (F_q, the default) or ``"trusted"`` (F_q ∪ R_q: every validation example a method
-            may read; the callback's R_q is half of the correctly classified ones).
-        batch_size: at most this many utility points per distance computation (see ``CHUNK_ELEMENTS``).
-        tolerance: the most any value may differ from the exact one; it sets the truncation T, the neighbours
-            ranked per utility point, to the smallest with 1/T − 1/N ≤ tolerance (:func:`truncation_for`).
-            None computes the exact values (a full sort of D per utility point).
-    """
-
-    natural_threshold = 0.0
-    shardable = False
-
-    def __init__(self, *, k: int = DEFAULTS.k, module: str | None = None, utility: str = "query",
-                 batch_size: int = DEFAULTS.batch_size, tolerance: float | None = DEFAULTS.tolerance) -> None:
-        if utility not in ("query", "trusted"):
-            raise ValueError(f"utility must be 'query' or 'trusted', got {utility!r}.")
-        if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}.")
-        if tolerance is not None and not tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {tolerance!r}; use tolerance=None for exact values.")
-        self.k, self.module, self.utility, self.batch_size, self.tolerance = k, module, utility, batch_size, tolerance
-
-    def score(self, inputs: ScoringInputs) -> Tensor:
-        utility_loader = inputs.query if self.utility == "query" else inputs.trusted
-        if utility_loader is None:
-            raise ValueError("KNNShapley(utility='trusted') needs F_q ∪ R_q (`inputs.trusted`), which these inputs "
-                             "do not provide.")
-        model, ranks, adapter = inputs.model, inputs.ranks, inputs.adapter
-        train_x, train_y = _shared_embeddings(model, inputs.train, "training", ranks, self.module, adapter,
-                                              inputs.progress)
-        utility_x, utility_y = _shared_embeddings(model, utility_loader, "validation", ranks, self.module, adapter)
-        truncation = None if self.tolerance is None else truncation_for(self.tolerance, len(train_y), self.k)
-        return knn_shapley_scores(train_x, train_y, utility_x, utility_y, k=self.k, batch_size=self.batch_size,
-                                  truncation=truncation, ranks=ranks).float().cpu()
