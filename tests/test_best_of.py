@@ -43,7 +43,7 @@ def _inputs() -> TreatmentInputs:
 def test_best_of_keeps_the_best_treatment_and_starts_each_from_theta_hat():
     useless, fixing = SetBias(-2.0, -3.0), SetBias(-0.5, 1.0)
     inputs = _inputs()
-    choice = BestOf([useless, fixing]).treat(inputs)
+    choice = BestOf(treatments=[useless, fixing]).treat(inputs)
     assert choice.label == "SetBias:1.0" and choice.rated == 4
     assert float(inputs.model.bias[1]) == 1.0
     assert useless.started_from == fixing.started_from == -1.0  # not where the first treatment left it
@@ -51,7 +51,7 @@ def test_best_of_keeps_the_best_treatment_and_starts_each_from_theta_hat():
 
 def test_best_of_keeps_theta_hat_when_no_treatment_is_accepted():
     inputs = _inputs()
-    choice = BestOf([SetBias(-2.0), SetBias(-5.0)]).treat(inputs)
+    choice = BestOf(treatments=[SetBias(-2.0), SetBias(-5.0)]).treat(inputs)
     assert choice.label is None
     assert float(inputs.model.bias[1]) == -1.0
 
@@ -59,8 +59,8 @@ def test_best_of_keeps_theta_hat_when_no_treatment_is_accepted():
 def test_best_of_needs_fisher_when_any_treatment_does():
     from lightning_repair.treat import EWCUnlearning, Finetune
 
-    assert BestOf([Finetune(), EWCUnlearning()]).needs_fisher
-    assert not BestOf([Finetune()]).needs_fisher
+    assert BestOf(treatments=[Finetune(), EWCUnlearning()]).needs_fisher
+    assert not BestOf(treatments=[Finetune()]).needs_fisher
     assert BestOf().needs_fisher  # the default includes EWC deletion
     with pytest.raises(ValueError, match="non-empty list"):
-        BestOf([])
+        BestOf(treatments=[])

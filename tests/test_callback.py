@@ -309,7 +309,8 @@ def test_what_chooses_a_repair_never_reads_the_held_out_failures_or_r(tmp_path):
                 reads[name] = set(validation.served[start:])
         return wrapped
 
-    scorer, treatment = KNNShapley(utility="trusted"), BestOf([EWCUnlearning(max_steps=10), Finetune(steps=10)])
+    scorer = KNNShapley(utility="trusted")
+    treatment = BestOf(treatments=[EWCUnlearning(max_steps=10), Finetune(steps=10)])
     scorer.score, treatment.treat = recording(scorer.score, "scorer"), recording(treatment.treat, "treatment")
     seen = {}
 

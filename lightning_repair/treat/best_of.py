@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from lightning_repair.acceptance import Choice, choose
 from lightning_repair.params import assign_, detached, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
+from lightning_repair.treat.ewc_unlearning import EWCUnlearning
+from lightning_repair.treat.finetune import Finetune
+from lightning_repair.treat.newton import NewtonRemoval
 
 
+@dataclass(kw_only=True)
 class BestOf(Treatment):
     """Runs each treatment from θ̂ and keeps the candidate the acceptance rule rates best across all of them.
 
@@ -22,16 +27,12 @@ class BestOf(Treatment):
             removal and fine-tuning on D \\\\ C.
     """
 
-    def __init__(self, treatments: Sequence[Treatment] | None = None) -> None:
-        if treatments is None:
-            from lightning_repair.treat.ewc_unlearning import EWCUnlearning
-            from lightning_repair.treat.finetune import Finetune
-            from lightning_repair.treat.newton import NewtonRemoval
+    treatments: list[Treatment] = field(default_factory=lambda: [EWCUnlearning(), NewtonRemoval(), Finetune()])
 
-            treatments = [EWCUnlearning(), NewtonRemoval(), Finetune()]
-        if not treatments or not all(isinstance(t, Treatment) for t in treatments):
-            raise ValueError(f"BestOf needs a non-empty list of treatments, got {treatments!r}.")
-        self.treatments = list(treatments)
+    def __post_init__(self) -> None:
+        if not self.treatments or not all(isinstance(t, Treatment) for t in self.treatments):
+            raise ValueError(f"BestOf needs a non-empty list of treatments, got {self.treatments!r}.")
+        self.treatments = list(self.treatments)
 
     @property
     def needs_fisher(self) -> bool:  # type: ignore[override]

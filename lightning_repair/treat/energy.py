@@ -29,24 +29,68 @@ AlignmentMode = Literal["soft", "relabel"]
 ALIGNMENT_MODES = ("soft", "relabel")
 
 
-@dataclass(frozen=True)
-class EnergyAlignmentDefaults:
-    """The defaults of energy alignment, written once for :class:`EnergyAlignment`, :func:`energy_alignment`,
-    :func:`energy_alignment_candidates`, :func:`aligned_causes` and :func:`align_inputs`; θ₊F's fit takes
-    :data:`~lightning_repair.optimize.FIT_DEFAULTS`."""
+def _check_alignment(step_size: float, steps: int) -> None:
+    if not step_size > 0 or steps < 0:
+        raise ValueError(f"Energy alignment needs step_size > 0 and steps ≥ 0, got {step_size} and {steps}.")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ALIGNMENT_MODES:
+        raise ValueError(f"Unknown alignment mode {mode!r}; choose one of {ALIGNMENT_MODES}.")
+
+
+@dataclass(kw_only=True)
+class EnergyAlignment(Treatment):
+    """Energy-based alignment: move the causes toward clean data under θ₊F, then fine-tune on them and D \\ C.
+
+    Args:
+        step_size: η of x̃ ← x̃ − η ∇_x E(x̃), in input units. The default suits standardized images (unit
+            pixel variance): on the Fashion-MNIST CNN, |∂E/∂x| is about 0.02 per pixel, so 10 steps of 0.1
+            move each pixel by at most about 0.2 standard deviations: the causes gain confidence under θ₊F
+            and keep their look. Raise η to move them further.
+        steps: T, alignment steps per cause; 0 keeps x (then ``"soft"`` trains on θ₊F's soft labels of x).
+        mode: ``"soft"``: train on (x̃, softmax f_{θ₊F}(x̃)); ``"relabel"``: train on (x, argmax of it).
+        finetune_modules: modules to fine-tune. ``None``: the last ``nn.Linear`` (the head); ``"all"``: every
+            parameter in the repair scope; a list of module names: those (within the repair scope).
+        finetune_steps: Adam steps of the fine-tune on (D \\ C) ∪ aligned C.
+        lr: Adam's learning rate for the fine-tune.
+        fit_lr: Adam's learning rate for θ₊F (as in EWC influence).
+        fit_steps: Adam steps for θ₊F.
+        eval_every: fine-tune steps between the candidates the judge rates.
+    """
+
+    needs_fisher = True
 
     step_size: float = 0.1
     steps: int = 10
     mode: AlignmentMode = "soft"
-    finetune_modules: Sequence[str] | Literal["all"] | None = None
+    finetune_modules: list[str] | Literal["all"] | None = None
     finetune_steps: int = 100
     lr: float = 1e-3
     fit_lr: float = FIT_DEFAULTS.lr
     fit_steps: int = FIT_DEFAULTS.max_steps
     eval_every: int = 10
 
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        _check_alignment(self.step_size, self.steps)
+        if self.finetune_steps < 1 or self.lr <= 0 or self.fit_lr <= 0 or self.fit_steps < 1 or self.eval_every < 1:
+            raise ValueError("EnergyAlignment needs finetune_steps ≥ 1, lr > 0, fit_lr > 0, fit_steps ≥ 1 and "
+                             f"eval_every ≥ 1; got {self.finetune_steps}, {self.lr}, {self.fit_lr}, {self.fit_steps}, "
+                             f"{self.eval_every}.")
+        if isinstance(self.finetune_modules, str) and self.finetune_modules != "all":
+            raise ValueError(f"finetune_modules must be None, 'all' or a list of module names, got "
+                             f"{self.finetune_modules!r}; for one module write [{self.finetune_modules!r}].")
 
-DEFAULTS = EnergyAlignmentDefaults()
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
+        return energy_alignment_candidates(
+            inputs.model, inputs.causes, inputs.kept, inputs.query, inputs.fisher, inputs.n_train,
+            step_size=self.step_size, steps=self.steps, mode=self.mode, finetune_modules=self.finetune_modules,
+            finetune_steps=self.finetune_steps, lr=self.lr, fit_lr=self.fit_lr, fit_steps=self.fit_steps,
+            eval_every=self.eval_every, seed=inputs.seed, adapter=inputs.adapter)
+
+
+DEFAULTS = EnergyAlignment()  # the functions below default to its hyperparameters
 
 
 def energy(model: nn.Module, inputs: Tensor, adapter: BatchAdapter | None = None) -> Tensor:
@@ -228,67 +272,9 @@ def energy_alignment(model: nn.Module, cause_loader: DataLoader, kept_loader: Da
     return choose(model, candidates, judge)
 
 
-class EnergyAlignment(Treatment):
-    """Energy-based alignment: move the causes toward clean data under θ₊F, then fine-tune on them and D \\ C.
-
-    Args:
-        step_size: η of x̃ ← x̃ − η ∇_x E(x̃), in input units. The default suits standardized images (unit
-            pixel variance): on the Fashion-MNIST CNN, |∂E/∂x| is about 0.02 per pixel, so 10 steps of 0.1
-            move each pixel by at most about 0.2 standard deviations: the causes gain confidence under θ₊F
-            and keep their look. Raise η to move them further.
-        steps: T, alignment steps per cause; 0 keeps x (then ``"soft"`` trains on θ₊F's soft labels of x).
-        mode: ``"soft"``: train on (x̃, softmax f_{θ₊F}(x̃)); ``"relabel"``: train on (x, argmax of it).
-        finetune_modules: modules to fine-tune. ``None``: the last ``nn.Linear`` (the head); ``"all"``: every
-            parameter in the repair scope; a list of module names: those (within the repair scope).
-        finetune_steps: Adam steps of the fine-tune on (D \\ C) ∪ aligned C.
-        lr: Adam's learning rate for the fine-tune.
-        fit_lr: Adam's learning rate for θ₊F (as in EWC influence).
-        fit_steps: Adam steps for θ₊F.
-        eval_every: fine-tune steps between the candidates the judge rates.
-    """
-
-    needs_fisher = True
-
-    def __init__(self, *, step_size: float = DEFAULTS.step_size, steps: int = DEFAULTS.steps,
-                 mode: AlignmentMode = DEFAULTS.mode,
-                 finetune_modules: list[str] | Literal["all"] | None = DEFAULTS.finetune_modules,
-                 finetune_steps: int = DEFAULTS.finetune_steps, lr: float = DEFAULTS.lr,
-                 fit_lr: float = DEFAULTS.fit_lr, fit_steps: int = DEFAULTS.fit_steps,
-                 eval_every: int = DEFAULTS.eval_every) -> None:
-        _check_mode(mode)
-        _check_alignment(step_size, steps)
-        if finetune_steps < 1 or lr <= 0 or fit_lr <= 0 or fit_steps < 1 or eval_every < 1:
-            raise ValueError("EnergyAlignment needs finetune_steps ≥ 1, lr > 0, fit_lr > 0, fit_steps ≥ 1 and "
-                             f"eval_every ≥ 1; got {finetune_steps}, {lr}, {fit_lr}, {fit_steps}, {eval_every}.")
-        if isinstance(finetune_modules, str) and finetune_modules != "all":
-            raise ValueError(f"finetune_modules must be None, 'all' or a list of module names, got "
-                             f"{finetune_modules!r}; for one module write [{finetune_modules!r}].")
-        self.step_size, self.steps, self.mode = step_size, steps, mode
-        self.finetune_modules = finetune_modules
-        self.finetune_steps, self.lr, self.fit_lr, self.fit_steps = finetune_steps, lr, fit_lr, fit_steps
-        self.eval_every = eval_every
-
-    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
-        return energy_alignment_candidates(
-            inputs.model, inputs.causes, inputs.kept, inputs.query, inputs.fisher, inputs.n_train,
-            step_size=self.step_size, steps=self.steps, mode=self.mode, finetune_modules=self.finetune_modules,
-            finetune_steps=self.finetune_steps, lr=self.lr, fit_lr=self.fit_lr, fit_steps=self.fit_steps,
-            eval_every=self.eval_every, seed=inputs.seed, adapter=inputs.adapter)
-
-
 def _check_floating(inputs: object) -> None:
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         what = f"dtype {inputs.dtype}" if isinstance(inputs, Tensor) else f"type {type(inputs).__name__}"
         raise ValueError(f"Energy alignment moves the causes' inputs along ∇_x E, so they must be one floating-point "
                          f"tensor; got {what}. Discrete inputs (token ids, ...) cannot be aligned: choose another "
                          "treatment, e.g. EWCUnlearning, or override `BatchAdapter.inputs` to return a float tensor.")
-
-
-def _check_alignment(step_size: float, steps: int) -> None:
-    if not step_size > 0 or steps < 0:
-        raise ValueError(f"Energy alignment needs step_size > 0 and steps ≥ 0, got {step_size} and {steps}.")
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in ALIGNMENT_MODES:
-        raise ValueError(f"Unknown alignment mode {mode!r}; choose one of {ALIGNMENT_MODES}.")

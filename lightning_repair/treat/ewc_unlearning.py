@@ -33,10 +33,33 @@ Objective = Literal["unlikelihood", "ascent"]
 OBJECTIVES = ("unlikelihood", "ascent")
 
 
-@dataclass(frozen=True)
-class EWCUnlearningDefaults:
-    """The defaults of EWC deletion, written once for :class:`EWCUnlearning`, :func:`ewc_unlearning` and
-    :func:`ewc_unlearning_candidates`."""
+def _check(objective: str, gamma: float, lr: float, max_steps: int, eval_every: int) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown EWC deletion objective {objective!r}; choose one of {OBJECTIVES}.")
+    if not gamma > 0 or not lr > 0 or max_steps < 1 or eval_every < 1:
+        raise ValueError("EWC deletion needs gamma > 0, lr > 0, max_steps ≥ 1 and eval_every ≥ 1; got "
+                         f"{gamma}, {lr}, {max_steps}, {eval_every}.")
+
+
+@dataclass(kw_only=True)
+class EWCUnlearning(Treatment):
+    """EWC deletion: unlearn the causes under the Fisher anchor (the default treatment).
+
+    Deviates from the paper by default: the data term is the bounded unlikelihood averaged over C, and only the
+    last linear layer moves (see the module docstring); ``objective="ascent", modules="all"`` is the paper's.
+
+    Args:
+        objective: ``"unlikelihood"``: (1/|C|) Σ_C −log(1 − p(y_c | x_c)); ``"ascent"``: −Σ_C ℓ(c), the paper's.
+        gamma: γ in the anchor (1/γ) F̂; larger moves further from θ̂.
+        lr: Adam's learning rate.
+        max_steps: bound on the steps.
+        eval_every: steps between the candidates the judge rates.
+        patience: candidates in a row without improvement before stopping.
+        modules: layers that move: None, the last ``nn.Linear``; ``"all"``, every parameter in the repair scope;
+            or module names.
+    """
+
+    needs_fisher = True
 
     objective: Objective = "unlikelihood"
     gamma: float = 0.1
@@ -44,10 +67,23 @@ class EWCUnlearningDefaults:
     max_steps: int = 100
     eval_every: int = 2
     patience: int = 5
-    modules: Sequence[str] | Literal["all"] | None = None
+    modules: list[str] | Literal["all"] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.objective, self.gamma, self.lr, self.max_steps, self.eval_every)
+        if self.patience < 1:
+            raise ValueError(f"EWCUnlearning needs patience ≥ 1, got {self.patience}.")
+        if isinstance(self.modules, str) and self.modules != "all":
+            raise ValueError(f"modules must be None, 'all' or a list of module names, got {self.modules!r}; for one "
+                             f"module write [{self.modules!r}].")
+
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
+        return ewc_unlearning_candidates(inputs.model, inputs.causes, inputs.fisher, objective=self.objective,
+                                         gamma=self.gamma, lr=self.lr, max_steps=self.max_steps,
+                                         eval_every=self.eval_every, modules=self.modules, adapter=inputs.adapter)
 
 
-DEFAULTS = EWCUnlearningDefaults()
+DEFAULTS = EWCUnlearning()  # the functions below default to its hyperparameters
 
 
 def unlikelihood(logits: Tensor, labels: Tensor) -> Tensor:
@@ -108,49 +144,3 @@ def ewc_unlearning(model: nn.Module, cause_loader: DataLoader, judge: Judge | Da
     steps = ewc_unlearning_candidates(model, cause_loader, fisher, objective=objective, gamma=gamma, lr=lr,
                                       max_steps=max_steps, eval_every=eval_every, modules=modules, adapter=adapter)
     return choose(model, steps, judge, patience)
-
-
-class EWCUnlearning(Treatment):
-    """EWC deletion: unlearn the causes under the Fisher anchor (the default treatment).
-
-    Deviates from the paper by default: the data term is the bounded unlikelihood averaged over C, and only the
-    last linear layer moves (see the module docstring); ``objective="ascent", modules="all"`` is the paper's.
-
-    Args:
-        objective: ``"unlikelihood"``: (1/|C|) Σ_C −log(1 − p(y_c | x_c)); ``"ascent"``: −Σ_C ℓ(c), the paper's.
-        gamma: γ in the anchor (1/γ) F̂; larger moves further from θ̂.
-        lr: Adam's learning rate.
-        max_steps: bound on the steps.
-        eval_every: steps between the candidates the judge rates.
-        patience: candidates in a row without improvement before stopping.
-        modules: layers that move: None, the last ``nn.Linear``; ``"all"``, every parameter in the repair scope;
-            or module names.
-    """
-
-    needs_fisher = True
-
-    def __init__(self, *, objective: Objective = DEFAULTS.objective, gamma: float = DEFAULTS.gamma,
-                 lr: float = DEFAULTS.lr, max_steps: int = DEFAULTS.max_steps, eval_every: int = DEFAULTS.eval_every,
-                 patience: int = DEFAULTS.patience, modules: list[str] | Literal["all"] | None = DEFAULTS.modules
-                 ) -> None:
-        _check(objective, gamma, lr, max_steps, eval_every)
-        if patience < 1:
-            raise ValueError(f"EWCUnlearning needs patience ≥ 1, got {patience}.")
-        if isinstance(modules, str) and modules != "all":
-            raise ValueError(f"modules must be None, 'all' or a list of module names, got {modules!r}; for one "
-                             f"module write [{modules!r}].")
-        self.objective, self.gamma, self.lr, self.max_steps = objective, gamma, lr, max_steps
-        self.eval_every, self.patience, self.modules = eval_every, patience, modules
-
-    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
-        return ewc_unlearning_candidates(inputs.model, inputs.causes, inputs.fisher, objective=self.objective,
-                                         gamma=self.gamma, lr=self.lr, max_steps=self.max_steps,
-                                         eval_every=self.eval_every, modules=self.modules, adapter=inputs.adapter)
-
-
-def _check(objective: str, gamma: float, lr: float, max_steps: int, eval_every: int) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"Unknown EWC deletion objective {objective!r}; choose one of {OBJECTIVES}.")
-    if not gamma > 0 or not lr > 0 or max_steps < 1 or eval_every < 1:
-        raise ValueError("EWC deletion needs gamma > 0, lr > 0, max_steps ≥ 1 and eval_every ≥ 1; got "
-                         f"{gamma}, {lr}, {max_steps}, {eval_every}.")

@@ -14,17 +14,32 @@ from lightning_repair.optimize import anchored_steps, mean_cross_entropy
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 
-@dataclass(frozen=True)
-class FinetuneDefaults:
-    """The defaults of fine-tuning, written once for :class:`Finetune`, :func:`finetune` and
-    :func:`finetune_candidates`."""
+@dataclass(kw_only=True)
+class Finetune(Treatment):
+    """Fine-tune on D \\ C, keeping the step the acceptance rule rates best. Training then goes on without C.
+
+    Args:
+        steps: Adam steps on D \\ C within the round.
+        lr: Adam's learning rate.
+        eval_every: steps between the candidates the judge rates.
+    """
 
     steps: int = 100
     lr: float = 1e-3
     eval_every: int = 10
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.eval_every < 1:
+            raise ValueError(f"Finetune needs steps ≥ 1, lr > 0 and eval_every ≥ 1, got {self.steps}, {self.lr}, "
+                             f"{self.eval_every}. A round is kept only when its treatment raises validation accuracy, "
+                             "so a fine-tune of 0 steps would always be rolled back.")
 
-DEFAULTS = FinetuneDefaults()
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
+        return finetune_candidates(inputs.model, inputs.kept, steps=self.steps, lr=self.lr, eval_every=self.eval_every,
+                                   adapter=inputs.adapter)
+
+
+DEFAULTS = Finetune()  # the functions below default to its hyperparameters
 
 
 def finetune_candidates(model: nn.Module, kept_loader: DataLoader, *, steps: int = DEFAULTS.steps,
@@ -55,25 +70,3 @@ def finetune(model: nn.Module, kept_loader: DataLoader, judge: Judge | DataLoade
     judge = as_judge(judge, model, adapter)
     candidates = finetune_candidates(model, kept_loader, steps=steps, lr=lr, eval_every=eval_every, adapter=adapter)
     return choose(model, candidates, judge)
-
-
-class Finetune(Treatment):
-    """Fine-tune on D \\ C, keeping the step the acceptance rule rates best. Training then goes on without C.
-
-    Args:
-        steps: Adam steps on D \\ C within the round.
-        lr: Adam's learning rate.
-        eval_every: steps between the candidates the judge rates.
-    """
-
-    def __init__(self, *, steps: int = DEFAULTS.steps, lr: float = DEFAULTS.lr, eval_every: int = DEFAULTS.eval_every
-                 ) -> None:
-        if steps < 1 or lr <= 0 or eval_every < 1:
-            raise ValueError(f"Finetune needs steps ≥ 1, lr > 0 and eval_every ≥ 1, got {steps}, {lr}, {eval_every}. "
-                             "A round is kept only when its treatment raises validation accuracy, so a fine-tune of "
-                             "0 steps would always be rolled back.")
-        self.steps, self.lr, self.eval_every = steps, lr, eval_every
-
-    def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
-        return finetune_candidates(inputs.model, inputs.kept, steps=self.steps, lr=self.lr, eval_every=self.eval_every,
-                                   adapter=inputs.adapter)

@@ -38,22 +38,82 @@ SCALE_OVER_EIGENVALUE = 2.0  # LiSSA's scale over the mean Hessian's |λ|_max: b
 MIN_SCALE = 1e-3
 
 
-@dataclass(frozen=True)
-class NewtonRemovalDefaults:
-    """The defaults of Newton removal, written once for :class:`NewtonRemoval`, :func:`newton_removal`,
-    :func:`newton_candidates` and :func:`lissa_inverse_hvp`."""
+def _check_arguments(damping: float, gamma_multipliers: Sequence[float], inverse: str | InverseHVP,
+                     lissa_steps: int, lissa_scale: float | None, lissa_damping: float, step: str) -> None:
+    """Raises ValueError naming the first bad Newton-removal argument."""
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 to invert the Fisher, got {damping}.")
+    multipliers = list(gamma_multipliers)
+    if not multipliers or not all(isinstance(m, (int, float)) and math.isfinite(m) and m > 0 for m in multipliers):
+        raise ValueError(f"gamma_multipliers must be a non-empty list of finite numbers > 0 (multiples of the "
+                         f"nominal γ = 1/N), got {gamma_multipliers!r}.")
+    if step not in STEPS:
+        raise ValueError(f"Unknown Newton step {step!r}; choose one of {STEPS}.")
+    if not callable(inverse) and inverse not in INVERSES:
+        raise ValueError(f"Unknown inverse {inverse!r}; choose one of {INVERSES}.")
+    _check_lissa(lissa_steps, lissa_scale, lissa_damping)
+
+
+def _check_lissa(steps: int, scale: float | None, damping: float) -> None:
+    if steps < 1 or (scale is not None and not scale > 0) or not 0 <= damping < 1:
+        raise ValueError(f"LiSSA needs lissa_steps ≥ 1, lissa_scale > 0 and 0 ≤ lissa_damping < 1; got {steps}, "
+                         f"{scale}, {damping}.")
+
+
+@dataclass(kw_only=True)
+class NewtonRemoval(Treatment):
+    """Newton removal of the causes (Guo et al. 2020): θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂), γ chosen by the judge.
+
+    γ is the multiple of the nominal 1/N the acceptance rule rates best, the smallest on ties; when it accepts
+    none, θ̂ is kept unchanged. H⁻¹ is LiSSA's estimate on D \\ C by default, as in the paper, with its scale set
+    from the largest Hessian eigenvalue; the diagonal (F̂ + δ)⁻¹ is badly scaled on a CNN (its nominal step moved θ
+    by about 12 ‖θ̂‖, measured) and stays an option.
+
+    Args:
+        damping: δ added to F̂ before inverting it, relative to F̂'s mean entry (``inverse="diagonal"``).
+        gamma_multipliers: the γ · N to try.
+        inverse: ``"lissa"`` estimates H⁻¹ Σ∇ℓ(c) by LiSSA on D \\ C; ``"diagonal"`` inverts H ≈ F̂ + δ.
+        lissa_steps: LiSSA recursion steps, one Hessian-vector product on one batch of D \\ C each.
+        lissa_scale: LiSSA's scale s; None (default): twice the largest Hessian eigenvalue (power iteration).
+        lissa_damping: LiSSA's damping d in [0, 1); H is damped by d·s.
+        step: ``"kept_loss"``: a Newton step on the loss of D \\ C; ``"influence"``: the paper's γ H⁻¹ Σ_C ∇ℓ(c).
+        modules: layers that move: ``"all"``, every parameter in the repair scope; None, the last ``nn.Linear``;
+            or module names.
+    """
 
     damping: float = FISHER_DAMPING
-    gamma_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # around the nominal γN = 1
+    gamma_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # around the nominal γN = 1
     inverse: Inverse = "lissa"
     lissa_steps: int = 300
     lissa_scale: float | None = None
     lissa_damping: float = 0.01
     step: Step = "kept_loss"
-    modules: Sequence[str] | Literal["all"] | None = "all"
+    modules: list[str] | Literal["all"] | None = "all"
+
+    def __post_init__(self) -> None:
+        if callable(self.inverse):
+            raise ValueError('NewtonRemoval takes inverse="diagonal" or "lissa"; pass a callable to '
+                             "`newton_removal` instead.")
+        _check_arguments(self.damping, self.gamma_multipliers, self.inverse, self.lissa_steps, self.lissa_scale,
+                         self.lissa_damping, self.step)
+        if isinstance(self.modules, str) and self.modules != "all":
+            raise ValueError(f"modules must be None, 'all' or a list of module names, got {self.modules!r}; for one "
+                             f"module write [{self.modules!r}].")
+        self.gamma_multipliers = tuple(float(m) for m in self.gamma_multipliers)
+
+    @property
+    def needs_fisher(self) -> bool:  # type: ignore[override]
+        return self.inverse == "diagonal"
+
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[float]:
+        return newton_candidates(inputs.model, inputs.causes, inputs.fisher, inputs.n_train, kept_loader=inputs.kept,
+                                 damping=self.damping, gamma_multipliers=self.gamma_multipliers,
+                                 inverse=self.inverse, lissa_steps=self.lissa_steps, lissa_scale=self.lissa_scale,
+                                 lissa_damping=self.lissa_damping, step=self.step, modules=self.modules,
+                                 seed=inputs.seed, adapter=inputs.adapter)
 
 
-DEFAULTS = NewtonRemovalDefaults()
+DEFAULTS = NewtonRemoval()  # the functions below default to its hyperparameters
 
 
 def lissa_inverse_hvp(model: nn.Module, loader: DataLoader, vector: Sequence[Tensor], *, scale: float,
@@ -238,78 +298,6 @@ def newton_removal(model: nn.Module, cause_loader: DataLoader, judge: Judge | Da
     judge = as_judge(judge, model, adapter)
     choice = choose(model, newton_candidates(model, cause_loader, fisher, n_train, **arguments), judge)
     return 0.0 if choice.label is None else float(choice.label)
-
-
-class NewtonRemoval(Treatment):
-    """Newton removal of the causes (Guo et al. 2020): θ⁻ = θ̂ + γ H⁻¹ Σ_{c ∈ C} ∇ℓ(c; θ̂), γ chosen by the judge.
-
-    γ is the multiple of the nominal 1/N the acceptance rule rates best, the smallest on ties; when it accepts
-    none, θ̂ is kept unchanged. H⁻¹ is LiSSA's estimate on D \\ C by default, as in the paper, with its scale set
-    from the largest Hessian eigenvalue; the diagonal (F̂ + δ)⁻¹ is badly scaled on a CNN (its nominal step moved θ
-    by about 12 ‖θ̂‖, measured) and stays an option.
-
-    Args:
-        damping: δ added to F̂ before inverting it, relative to F̂'s mean entry (``inverse="diagonal"``).
-        gamma_multipliers: the γ · N to try.
-        inverse: ``"lissa"`` estimates H⁻¹ Σ∇ℓ(c) by LiSSA on D \\ C; ``"diagonal"`` inverts H ≈ F̂ + δ.
-        lissa_steps: LiSSA recursion steps, one Hessian-vector product on one batch of D \\ C each.
-        lissa_scale: LiSSA's scale s; None (default): twice the largest Hessian eigenvalue (power iteration).
-        lissa_damping: LiSSA's damping d in [0, 1); H is damped by d·s.
-        step: ``"kept_loss"``: a Newton step on the loss of D \\ C; ``"influence"``: the paper's γ H⁻¹ Σ_C ∇ℓ(c).
-        modules: layers that move: ``"all"``, every parameter in the repair scope; None, the last ``nn.Linear``;
-            or module names.
-    """
-
-    def __init__(self, *, damping: float = DEFAULTS.damping,
-                 gamma_multipliers: Sequence[float] = DEFAULTS.gamma_multipliers, inverse: Inverse = DEFAULTS.inverse,
-                 lissa_steps: int = DEFAULTS.lissa_steps, lissa_scale: float | None = DEFAULTS.lissa_scale,
-                 lissa_damping: float = DEFAULTS.lissa_damping, step: Step = DEFAULTS.step,
-                 modules: list[str] | Literal["all"] | None = DEFAULTS.modules) -> None:
-        if callable(inverse):
-            raise ValueError('NewtonRemoval takes inverse="diagonal" or "lissa"; pass a callable to '
-                             "`newton_removal` instead.")
-        _check_arguments(damping, gamma_multipliers, inverse, lissa_steps, lissa_scale, lissa_damping, step)
-        if isinstance(modules, str) and modules != "all":
-            raise ValueError(f"modules must be None, 'all' or a list of module names, got {modules!r}; for one "
-                             f"module write [{modules!r}].")
-        self.damping = damping
-        self.gamma_multipliers = tuple(float(m) for m in gamma_multipliers)
-        self.inverse = inverse
-        self.lissa_steps, self.lissa_scale, self.lissa_damping = lissa_steps, lissa_scale, lissa_damping
-        self.step, self.modules = step, modules
-
-    @property
-    def needs_fisher(self) -> bool:  # type: ignore[override]
-        return self.inverse == "diagonal"
-
-    def candidates(self, inputs: TreatmentInputs) -> Iterator[float]:
-        return newton_candidates(inputs.model, inputs.causes, inputs.fisher, inputs.n_train, kept_loader=inputs.kept,
-                                 damping=self.damping, gamma_multipliers=self.gamma_multipliers,
-                                 inverse=self.inverse, lissa_steps=self.lissa_steps, lissa_scale=self.lissa_scale,
-                                 lissa_damping=self.lissa_damping, step=self.step, modules=self.modules,
-                                 seed=inputs.seed, adapter=inputs.adapter)
-
-
-def _check_arguments(damping: float, gamma_multipliers: Sequence[float], inverse: str | InverseHVP,
-                     lissa_steps: int, lissa_scale: float | None, lissa_damping: float, step: str) -> None:
-    """Raises ValueError naming the first bad Newton-removal argument."""
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0 to invert the Fisher, got {damping}.")
-    multipliers = list(gamma_multipliers)
-    if not multipliers or not all(isinstance(m, (int, float)) and math.isfinite(m) and m > 0 for m in multipliers):
-        raise ValueError(f"gamma_multipliers must be a non-empty list of finite numbers > 0 (multiples of the "
-                         f"nominal γ = 1/N), got {gamma_multipliers!r}.")
-    if step not in STEPS:
-        raise ValueError(f"Unknown Newton step {step!r}; choose one of {STEPS}.")
-    if not callable(inverse) and inverse not in INVERSES:
-        raise ValueError(f"Unknown inverse {inverse!r}; choose one of {INVERSES}.")
-    _check_lissa(lissa_steps, lissa_scale, lissa_damping)
-
-
-def _check_lissa(steps: int, scale: float | None, damping: float) -> None:
-    if steps < 1 or (scale is not None and not scale > 0) or not 0 <= damping < 1:
-        raise ValueError(f"LiSSA needs lissa_steps ≥ 1, lissa_scale > 0 and 0 ≤ lissa_damping < 1; got {steps}, "
-                         f"{scale}, {damping}.")
 
 
 def _hessian_vector_product(model: nn.Module, parameters: list[nn.Parameter], inputs: Any, labels: Tensor,
