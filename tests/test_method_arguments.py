@@ -1,7 +1,9 @@
-"""How the methods take their hyperparameters: by keyword only, each default written once, none repeated in configs/."""
+"""How the methods take their hyperparameters: as keyword-only dataclass fields, each default written once, none
+repeated in configs/."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable
@@ -9,20 +11,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 
-from lightning_repair import RepairCallback
+from lightning_repair import RepairCallback, identify, treat
 from lightning_repair.curvature import natural_gradient
-from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, ewc_influence,
-                                       knn_shapley_values, linear_influence, training_loss)
+from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, RandomScores, Scorer,
+                                       TrainingLoss, ewc_influence, knn_shapley_values, linear_influence, training_loss)
 from lightning_repair.optimize import fit_to_failures
-from lightning_repair.treat import (EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval, energy_alignment,
-                                    ewc_unlearning, finetune, newton_removal)
+from lightning_repair.treat import (BestOf, EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval, Treatment,
+                                    energy_alignment, ewc_unlearning, finetune, newton_removal)
 from lightning_repair.treat.energy import align_inputs, aligned_causes, energy_alignment_candidates
 from lightning_repair.treat.ewc_unlearning import ewc_unlearning_candidates
 from lightning_repair.treat.finetune import finetune_candidates
 from lightning_repair.treat.newton import lissa_inverse_hvp, newton_candidates
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Every scorer and treatment the package exports.
+METHODS = sorted({value for package in (identify, treat) for value in vars(package).values()
+                  if isinstance(value, type) and issubclass(value, (Scorer, Treatment))
+                  and not inspect.isabstract(value)}, key=lambda method: method.__name__)
 
 # Each function whose hyperparameters are a class's, with {its argument: the class's argument}; None: every
 # argument of the class, under the same name.
@@ -91,8 +99,53 @@ def test_configs_set_only_arguments_that_differ_from_the_defaults(config: Path) 
                 f"{config.name} repeats {name}'s default {argument}={value!r}; leave it out"
 
 
-@pytest.mark.parametrize("method", sorted({m for _, m, _ in SHARED_DEFAULTS} | {RepairCallback}, key=str),
-                         ids=lambda method: method.__name__)
+@pytest.mark.parametrize("method", [*METHODS, RepairCallback], ids=lambda method: method.__name__)
 def test_classes_take_every_argument_by_keyword(method: type) -> None:
     for name, parameter in inspect.signature(method).parameters.items():
         assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, f"{method.__name__}({name})"
+
+
+def test_every_method_is_checked() -> None:
+    assert {m for _, m, _ in SHARED_DEFAULTS} | {BestOf, RandomScores, TrainingLoss} <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda method: method.__name__)
+def test_methods_are_dataclasses_of_their_hyperparameters(method: type) -> None:
+    assert dataclasses.is_dataclass(method)
+    fields = dataclasses.fields(method)
+    for field in fields:
+        assert field.kw_only, f"{method.__name__}.{field.name} is positional"
+        assert field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING, \
+            f"{method.__name__}.{field.name} has no default"
+    # What describes the class, not a configuration, stays on the class.
+    assert not {field.name for field in fields} & {"needs_fisher", "natural_threshold", "shardable"}
+    with pytest.raises(TypeError, match="positional"):
+        method(*[None] * (len(fields) + 1))
+    # A round's record and the callback's state key name the configuration by its repr.
+    configured = method()
+    listed = ", ".join(f"{field.name}={getattr(configured, field.name)!r}" for field in fields)
+    assert repr(configured) == f"{method.__name__}({listed})"
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda method: method.__name__)
+def test_the_cli_checks_each_hyperparameter_against_its_type(method: type) -> None:
+    # Types jsonargparse cannot resolve go unchecked: a typo in a config would then fail only inside a round.
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(method, "method")
+    defaults = method()
+    for field in dataclasses.fields(method):
+        if isinstance(getattr(defaults, field.name), (str, type(None))):
+            continue  # a string may be a right value
+        with pytest.raises(ArgumentError):
+            parser.parse_args([f"--method.{field.name}", "not-a-value"])
+
+
+def test_a_method_that_is_no_dataclass_is_named_by_its_attributes() -> None:
+    class Constant(Scorer):
+        def __init__(self, *, value: float = 1.0) -> None:
+            self.value = value
+
+        def score(self, inputs):
+            return inputs
+
+    assert repr(Constant(value=2.0)) == "Constant(value=2.0)"  # the same in every run, unlike object's repr
