@@ -194,7 +194,7 @@ def _backward_with(extension: Any, loss: Tensor, model: nn.Module) -> None:
 
 
 def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor, adapter: BatchAdapter | None = None,
-                          backend: Backend = "backpack") -> tuple[list[Tensor], Tensor]:
+                          backend: Backend = "backpack", *, check_values: bool = True) -> tuple[list[Tensor], Tensor]:
     """∇_θ ℓ(z_i) for each example of one batch, for the model's trainable parameters.
 
     Args:
@@ -211,13 +211,13 @@ def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor, adapter
     _check_backend(backend)
     if backend == "torch_func":
         with torch.no_grad():
-            logits = checked_logits(model, inputs, labels, adapter)
+            logits = checked_logits(model, inputs, labels, adapter, check_values=check_values)
         grads = [torch.cat(parts) for parts in zip(*_func_gradient_chunks(model, inputs, labels, adapter))]
         return grads, F.cross_entropy(logits, labels, reduction="none")
     loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
     parameters = trainable(model)
     with torch.enable_grad(), backpack_ready(model) as hooks:
-        logits = checked_logits(model, inputs, labels, adapter)
+        logits = checked_logits(model, inputs, labels, adapter, check_values=check_values)
         hooks.check_forward()
         _backward_with(BatchGrad(), loss_fn(logits, labels), model)
     grads = [p.grad_batch.detach() for p in parameters]
@@ -258,8 +258,8 @@ def diagonal_fisher(model: nn.Module, loader: DataLoader, kind: FisherKind = "mc
     total = [torch.zeros_like(p) for p in parameters]
     count = 0
     with torch.enable_grad(), backpack_ready(model) as hooks:
-        for inputs, labels in batches(loader, model, adapter):
-            logits = checked_logits(model, inputs, labels, adapter)
+        for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
+            logits = checked_logits(model, inputs, labels, adapter, check_values=index == 0)
             hooks.check_forward()
             _backward_with(extension, loss_fn(logits, labels), model)
             for acc, p in zip(total, parameters):
@@ -308,16 +308,17 @@ class AdapterLogits(nn.Module):
     ``model`` is a registered submodule, so ``functional_call(wrapper, {"model.<name>": tensor}, ...)`` swaps the
     model's parameters for the duration of the call, whatever the adapter does with the model (``model(x)``,
     ``model.backbone(x)``, a custom method...). With ``checked``, the logits go through :func:`checked_logits`
-    (which branches on their values, so not under ``vmap``).
+    (which branches on their values, so not under ``vmap``); ``check_values`` is passed on to it, and a pass sets
+    it for its first batch only.
     """
 
     def __init__(self, model: nn.Module, adapter: BatchAdapter, checked: bool = False) -> None:
         super().__init__()
-        self.model, self.adapter, self.checked = model, adapter, checked
+        self.model, self.adapter, self.checked, self.check_values = model, adapter, checked, True
 
     def forward(self, inputs: Any, labels: Tensor | None = None) -> Tensor:
         if self.checked:
-            return checked_logits(self.model, inputs, labels, self.adapter)
+            return checked_logits(self.model, inputs, labels, self.adapter, check_values=self.check_values)
         return self.adapter.logits(self.model, inputs)
 
 
@@ -364,9 +365,9 @@ def _func_fisher_sum(model: nn.Module, loader: DataLoader, kind: FisherKind, ada
 
     total = [torch.zeros_like(p) for p in trainable(model)]
     count = 0
-    for inputs, labels in batches(loader, model, adapter):
+    for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
         with torch.no_grad():
-            probabilities = F.softmax(checked_logits(model, inputs, labels, adapter), dim=1)
+            probabilities = F.softmax(checked_logits(model, inputs, labels, adapter, check_values=index == 0), dim=1)
         if kind == "empirical":
             repeats, targets, weights = 1, labels, torch.ones_like(probabilities[:, 0])
         elif kind == "mc":

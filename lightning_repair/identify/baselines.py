@@ -19,9 +19,9 @@ def training_loss(model: nn.Module, loader: DataLoader, *, adapter: BatchAdapter
                   progress: Progress = no_progress) -> Tensor:
     """r(z) = ℓ(z; θ̂) for every example of ``loader``: flipped labels tend to have high loss until memorised."""
     adapter = adapter or BatchAdapter()
-    losses = [F.cross_entropy(checked_logits(model, x, y, adapter), y, reduction="none").cpu()
-              for x, y in batches(progress(loader, "repair: scoring"), model, adapter)]
-    return torch.cat(losses) if losses else torch.empty(0)
+    losses = [F.cross_entropy(checked_logits(model, x, y, adapter, check_values=index == 0), y, reduction="none")
+              for index, (x, y) in enumerate(batches(progress(loader, "repair: scoring"), model, adapter))]
+    return torch.cat(losses).cpu() if losses else torch.empty(0)  # on the device until the end: no sync per batch
 
 
 @dataclass(kw_only=True)

@@ -27,11 +27,14 @@ def loss_change(before: nn.Module, after: nn.Module, loader: DataLoader, adapter
     """ℓ(z; after) − ℓ(z; before) for every example of ``loader``, in order."""
     adapter = adapter or BatchAdapter()
     changes = []
-    for inputs, labels in batches(progress(loader, "repair: scoring"), before, adapter):
-        loss_after = F.cross_entropy(checked_logits(after, inputs, labels, adapter), labels, reduction="none")
-        loss_before = F.cross_entropy(checked_logits(before, inputs, labels, adapter), labels, reduction="none")
-        changes.append((loss_after - loss_before).cpu())
-    return torch.cat(changes) if changes else torch.empty(0)
+    for index, (inputs, labels) in enumerate(batches(progress(loader, "repair: scoring"), before, adapter)):
+        first = index == 0  # value checks read back to the host: the first batch only
+        loss_after = F.cross_entropy(checked_logits(after, inputs, labels, adapter, check_values=first), labels,
+                                     reduction="none")
+        loss_before = F.cross_entropy(checked_logits(before, inputs, labels, adapter, check_values=first), labels,
+                                      reduction="none")
+        changes.append(loss_after - loss_before)
+    return torch.cat(changes).cpu() if changes else torch.empty(0)
 
 
 def ewc_influence(model: nn.Module, train_loader: DataLoader, failure_loader: DataLoader,

@@ -89,11 +89,11 @@ def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence
     adapter = adapter or BatchAdapter()
     # BackPACK where its first-order extensions follow the model, else torch.func: the same numbers.
     backend, _ = choose_backend(model, loader, "empirical", adapter)
-    for inputs, labels in batches(progress(loader, "repair: scoring"), model, adapter):
-        grads, _ = per_example_gradients(model, inputs, labels, adapter, backend=backend)
+    for index, (inputs, labels) in enumerate(batches(progress(loader, "repair: scoring"), model, adapter)):
+        grads, _ = per_example_gradients(model, inputs, labels, adapter, backend=backend, check_values=index == 0)
         alignment = sum((g.flatten(1) * d.flatten()).sum(dim=1) for g, d in zip(grads, direction))
-        alignments.append(alignment.detach().cpu())
-    return torch.cat(alignments) if alignments else torch.empty(0)
+        alignments.append(alignment.detach())
+    return torch.cat(alignments).cpu() if alignments else torch.empty(0)
 
 
 class ForwardADUnsupportedError(NotImplementedError):
@@ -143,7 +143,8 @@ def directional_derivatives(model: nn.Module, loader: DataLoader, direction: Seq
     derivatives = []
     with torch.no_grad(), forward_ad.dual_level():
         duals = {name: forward_ad.make_dual(p.detach(), t) for (name, p), t in zip(named, tangents)}
-        for inputs, labels in batches(progress(loader, "repair: scoring"), model, adapter):
+        for index, (inputs, labels) in enumerate(batches(progress(loader, "repair: scoring"), model, adapter)):
+            call.check_values = index == 0  # value checks read back to the host: the first batch only
             try:
                 logits = torch.func.functional_call(call, duals, (inputs, labels))
             except (NotImplementedError, RuntimeError) as error:

@@ -401,8 +401,8 @@ def embeddings(model: nn.Module, loader: DataLoader, module: str | None = None,
     handle = modules[name].register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
     features, labels = [], []
     try:
-        for inputs, y in batches(progress(loader, "repair: embedding"), model, adapter):
-            checked_logits(model, inputs, y, adapter)
+        for index, (inputs, y) in enumerate(batches(progress(loader, "repair: embedding"), model, adapter)):
+            checked_logits(model, inputs, y, adapter, check_values=index == 0)
             features.append(captured.pop().float())
             labels.append(y)
     finally:
