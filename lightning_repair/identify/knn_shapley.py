@@ -102,9 +102,10 @@ class KNNShapley(Scorer):
 DEFAULTS = KNNShapley()  # the functions below default to its hyperparameters
 
 CHUNK_ELEMENTS = 2**21
-"""At most this many utility-point × training-point distances at once (8 MB in float32; the chunk's top-T
-bookkeeping in float64 is smaller), whatever ``batch_size``: the round's memory then grows with N only by the
-embeddings and a few numbers per example."""
+"""Sizes a chunk of utility points, whatever ``batch_size``: its B × N distances are at most this many (8 MB in
+float32), and its B × T bookkeeping of the nearest T (ranks, matches, increments, values: about eight float64 or
+int64 arrays) at most an eighth of it per array (2 MB each). The round's memory then grows with N only by the
+embeddings and a few numbers per example, and the exact values (T = N) hold no N × N-sized block either."""
 
 
 def _validate(
@@ -291,7 +292,7 @@ def knn_shapley_values(
         utility_labels: Utility-point class labels, shape (U,).
         k: Number of nearest neighbours K of the KNN utility; K > N is allowed.
         batch_size: At most this many utility points whose distances are computed at once (fewer when
-            N is large: a chunk holds at most ``CHUNK_ELEMENTS`` distances).
+            N or T is large: see ``CHUNK_ELEMENTS``).
         truncation: T, the neighbours ranked per utility point (``torch.topk``): every value then differs from
             the exact one by at most ``truncation_error_bound(T, N) = 1/T - 1/N`` (module docstring). None (the
             default) or T ≥ N gives the exact values. :func:`truncation_for` picks T from a tolerance.
@@ -338,7 +339,7 @@ def knn_shapley_values(
 
     totals = torch.zeros(n, device=device, dtype=torch.float64)
     mine = ranks.share(num_utility)
-    rows = max(1, min(batch_size, CHUNK_ELEMENTS // n))  # a chunk's B × N distances stay within the budget
+    rows = max(1, min(batch_size, CHUNK_ELEMENTS // n, CHUNK_ELEMENTS // (8 * t)))  # within CHUNK_ELEMENTS' budget
     for start in range(mine.start, mine.stop, rows):
         stop = min(start + rows, mine.stop)
         chunk_lab = utility_labels[start:stop]
