@@ -13,7 +13,7 @@ Each run is a child process of its own (so its peak memory is its own), cached a
 ``benchmarks/cache/fit/``; a rerun skips what is cached. Results: ``benchmarks/results/fit.json`` and
 ``fit.md``, with one plot of validation accuracy per epoch for every setting.
 
-    python -m benchmarks.fit --quick                 # pairs, 3k-mem, seed 0
+    python -m benchmarks.fit --quick                 # pairs, 3k-mem, seed 0: plain and the defaults side by side
     python -m benchmarks.fit --jobs 2                # everything, two runs at a time, one thread each
     python -m benchmarks.fit --collect               # merge what has finished; run nothing
 """
@@ -367,7 +367,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="in this order")
     parser.add_argument("--quick", action="store_true",
                         help="pairs, 3k-mem, seed 0: plain training and the callback's defaults only")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs at a time, each in its own process (default 1; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--epochs", nargs="+", default=[], metavar="REGIME=EPOCHS",
                         help="override a regime's epochs, e.g. 3k-mem=4 for a smoke run (cached apart)")
@@ -379,6 +380,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if arguments.quick:
         arguments.protocols, arguments.regimes, arguments.seeds = ["pairs"], ["3k-mem"], [0]
         arguments.runs = ["plain", "repair"]
+    if arguments.jobs is None:  # --quick's two fits side by side, one thread each: about 20 minutes on 2 cores
+        arguments.jobs = 2 if arguments.quick else 1
     return arguments
 
 

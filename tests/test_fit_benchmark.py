@@ -95,3 +95,11 @@ def test_quick_mode_runs_end_to_end_and_reports(tmp_path, monkeypatch):
     assert (tmp_path / "results" / "fit_pairs_3k-mem.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
         "pairs_3k-mem_epochs2_seed0_plain.json", "pairs_3k-mem_epochs2_seed0_repair.json"]
+
+
+def test_quick_mode_runs_its_two_fits_side_by_side_unless_told_otherwise():
+    from benchmarks import fit
+
+    assert fit.parse_arguments(["--quick"]).jobs == 2
+    assert fit.parse_arguments(["--quick", "--jobs", "1"]).jobs == 1
+    assert fit.parse_arguments([]).jobs == 1
