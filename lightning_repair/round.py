@@ -388,7 +388,7 @@ class _Round:
         loader = self.validation.subset(positions).loader()
 
         def correct(model: nn.Module) -> Tensor:
-            predicted = self.head_cache.predictions(model) if self.head_cache is not None else None
+            predicted = self.cached_predictions(model)
             if predicted is None:
                 return correctness(model, loader, self.adapter)
             return predicted[positions] == labels[positions]
@@ -397,8 +397,12 @@ class _Round:
 
     def predictions_after(self) -> Tensor:
         """The treated copy's predictions on V: from the head cache where it serves, else predicted."""
-        cached = self.head_cache.predictions(self.model) if self.head_cache is not None else None
+        cached = self.cached_predictions(self.model)
         return cached if cached is not None else self.predict()[0]
+
+    def cached_predictions(self, model: nn.Module) -> Tensor | None:
+        """``model``'s predictions on V from the head cache; None where it has none or cannot serve."""
+        return self.head_cache.predictions(model) if self.head_cache is not None else None
 
     def moved(self) -> bool:
         """Whether the repair copy's weights differ from the module's, θ̂."""
