@@ -136,13 +136,41 @@ class _BackpackHooks:
         self.names = {id(m): name for name, m in model.named_modules()}
         self.leaves = [m for m in _leaves(model) if not getattr(m, "_backpack_extend", False)]
         self.calls: dict[int, int] = {}
+        self.last: int | None = None
         self.handles = [hook for m in self.leaves for hook in (
             m.register_forward_hook(self._count),
             m.register_forward_hook(hook_store_io),
             m.register_full_backward_hook(hook_run_extensions))]
 
-    def _count(self, module: nn.Module, *_: Any) -> None:
-        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+    def _count(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.last = id(module)
+        # Only a module the backward pass goes through matters: with the repair restricted to a head, the body's
+        # outputs need no gradient and BackPACK never visits them, reused or not.
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        if any(isinstance(t, Tensor) and t.requires_grad for t in outputs):
+            self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+
+    def logits(self, model: nn.Module, inputs: Any, labels: Tensor, adapter: BatchAdapter,
+               check_values: bool) -> Tensor:
+        """The model's checked logits with the hooks on; what BackPACK cannot follow becomes an error naming where.
+
+        BackPACK's backward hooks wrap each layer's output, and PyTorch forbids changing that output in place
+        (torchvision's ResNets add the shortcut with ``out += identity``): the raw error names no layer.
+        """
+        self.last = None
+        try:
+            logits = checked_logits(model, inputs, labels, adapter, check_values=check_values)
+        except RuntimeError as error:
+            if "BackwardHookFunction" not in str(error):
+                raise
+            where = f"right after `{self.names[self.last]}` ran" if self.last is not None else "before any layer ran"
+            raise ValueError(
+                f"BackPACK cannot follow this model: an in-place operation {where} changes a layer's output (as "
+                "`out += identity` does in torchvision's ResNets), which BackPACK's hooks forbid. Use "
+                "`curvature='torch_func'`, or `curvature='auto'` (the default), which falls back to it by itself; "
+                "or restrict the repair to layers after it with `params=[...]`.") from error
+        self.check_forward()
+        return logits
 
     def check_forward(self) -> None:
         """Raises if a module ran twice in the last forward pass: BackPACK keeps only its last input."""
@@ -217,8 +245,7 @@ def per_example_gradients(model: nn.Module, inputs: Any, labels: Tensor, adapter
     loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
     parameters = trainable(model)
     with torch.enable_grad(), backpack_ready(model) as hooks:
-        logits = checked_logits(model, inputs, labels, adapter, check_values=check_values)
-        hooks.check_forward()
+        logits = hooks.logits(model, inputs, labels, adapter, check_values)
         _backward_with(BatchGrad(), loss_fn(logits, labels), model)
     grads = [p.grad_batch.detach() for p in parameters]
     for p in parameters:
@@ -259,8 +286,7 @@ def diagonal_fisher(model: nn.Module, loader: DataLoader, kind: FisherKind = "mc
     count = 0
     with torch.enable_grad(), backpack_ready(model) as hooks:
         for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
-            logits = checked_logits(model, inputs, labels, adapter, check_values=index == 0)
-            hooks.check_forward()
+            logits = hooks.logits(model, inputs, labels, adapter, check_values=index == 0)
             _backward_with(extension, loss_fn(logits, labels), model)
             for acc, p in zip(total, parameters):
                 acc += getattr(p, attribute).detach()

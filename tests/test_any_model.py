@@ -162,3 +162,33 @@ def test_torch_func_says_what_it_cannot_follow():
 def test_torch_func_is_refused_by_name():
     with pytest.raises(ValueError, match="curvature must be"):
         RepairCallback(curvature="functorch")
+
+
+def _resnet_batch():
+    torch.manual_seed(0)
+    return [(torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1]))]
+
+
+def test_forced_backpack_names_where_a_resnet_changes_a_layers_output_in_place():
+    # torchvision adds the shortcut with `out += identity` on bn2's output, which BackPACK's hooks wrap; PyTorch's
+    # own error ("Output 0 of BackwardHookFunction is a view ...") names no layer.
+    from lightning_repair.curvature import diagonal_fisher
+    from lightning_repair.params import repair_copy
+
+    with pytest.raises(ValueError, match=r"in-place operation right after `layer1\.0\.bn2` ran.*curvature='torch_func'"):
+        diagonal_fisher(repair_copy(resnet18()), _resnet_batch(), "empirical", backend="backpack")
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_backpack_follows_a_resnets_head_alone_and_agrees_with_torch_func(kind):
+    # Restricted to `fc`, the body needs no gradient: its in-place additions and the ReLU module each block runs
+    # twice are never visited by BackPACK, so they must not stop it.
+    from lightning_repair.curvature import diagonal_fisher
+    from lightning_repair.params import repair_copy
+
+    model = repair_copy(resnet18(), params=["fc"])
+    by_backpack = diagonal_fisher(model, _resnet_batch(), kind, backend="backpack")
+    by_torch_func = diagonal_fisher(model, _resnet_batch(), kind, backend="torch_func")
+    assert len(by_backpack) == 2  # fc.weight, fc.bias
+    for a, b in zip(by_backpack, by_torch_func):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
