@@ -4,14 +4,17 @@
     python -m benchmarks.backends --n 500 --fisher-samples 100 --repeats 1   # a quick look
 
 For each model: one training epoch over N images (Adam, batch 64) is the unit; then the MC, empirical and exact
-Fisher over ``--fisher-samples`` images with BackPACK and with ``torch.func``, each timed in the same process
-(median of ``--repeats``). Where BackPACK cannot follow the model, its row says why. Writes
+Fisher over ``--fisher-samples`` images with BackPACK and with ``torch.func``, and the per-example gradients of the
+same images with BackPACK, BackPACK after its torch.fx converter, and ``torch.func``; each timed in the same
+process (median of ``--repeats``), on the callback's repair copy of the model (eval mode, activations out of
+place). Where BackPACK cannot follow the model, its row says why. Writes
 ``benchmarks/results/backends.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -23,24 +26,37 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.environment import environment
-from lightning_repair.curvature import BACKENDS, FISHER_KINDS, diagonal_fisher
+from backpack import backpack, extend
+from backpack.extensions import BatchGrad
+
+from lightning_repair.curvature import BACKENDS, FISHER_KINDS, diagonal_fisher, per_example_gradients
+from lightning_repair.params import repair_copy
 from lightning_repair.data import FashionMNISTDataModule
 from lightning_repair.models import paper_cnn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def resnet18() -> nn.Module:
-    """torchvision's resnet18 as written, but for a stem that takes 1-channel 28×28 images."""
+def resnet18(small_stem: bool = True) -> nn.Module:
+    """torchvision's resnet18 as written, for 1-channel images.
+
+    ``small_stem``: the usual stem for 28×28 images (a 3×3 convolution, no max-pool). Otherwise torchvision's own
+    stem (7×7 stride 2, then the max-pool) with one input channel, as ``examples/resnet_repair.py`` uses: about 5×
+    cheaper on a CPU.
+    """
     import torchvision
 
     net = torchvision.models.resnet18(num_classes=10)
-    net.conv1 = nn.Conv2d(1, 64, kernel_size=3, padding=1, bias=False)
-    net.maxpool = nn.Identity()
+    if small_stem:
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=3, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    else:
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return net
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"paper CNN": paper_cnn, "ResNet-18": resnet18}
+MODELS: dict[str, Callable[[], nn.Module]] = {"paper CNN": paper_cnn,
+                                              "ResNet-18": lambda: resnet18(small_stem=False)}
 
 
 def median_seconds(work: Callable[[], object], repeats: int) -> float:
@@ -62,20 +78,56 @@ def train_epoch(model: nn.Module, loader: DataLoader) -> None:
     model.eval()
 
 
+CONVERTER = "backpack, use_converter=True"
+
+
+def converted_gradients(model: nn.Module) -> Callable[[DataLoader], None]:
+    """Per-example gradients by BackPACK's ``BatchGrad`` on ``extend(model, use_converter=True)``: BackPACK's
+    torch.fx rewrite, which turns residual additions and functional calls into modules. Only its first-order
+    extensions follow a ResNet that way (``DiagGGN*`` stop at its ``SumModule``), so it could serve the MC Fisher
+    only through per-example gradients, as ``torch.func`` does; the library does not use it (README, *Limits*)."""
+    converted = extend(copy.deepcopy(model), use_converter=True)
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+
+    def run(loader: DataLoader) -> None:
+        for x, y in loader:
+            with backpack(BatchGrad()):
+                loss_fn(converted(x), y).backward()
+            for p in converted.parameters():
+                p.grad, p.grad_batch = None, None
+    return run
+
+
+def per_example_pass(model: nn.Module, backend: str) -> Callable[[DataLoader], None]:
+    if backend == CONVERTER:
+        return converted_gradients(model)
+    return lambda loader: [per_example_gradients(model, x, y, backend=backend) for x, y in loader]
+
+
+def _row(name: str, quantity: str, backend: str, work: Callable[[], object], repeats: int,
+         epoch: float) -> list[str]:
+    try:
+        seconds = median_seconds(work, repeats)
+        return [name, quantity, backend, f"{seconds:.1f} s", f"{seconds / epoch:.2f}"]
+    except Exception as error:  # noqa: BLE001 - the row reports what stopped the backend
+        reason = str(error).splitlines()[0][:90]
+        return [name, quantity, backend, f"fails: {type(error).__name__}: {reason}", "—"]
+
+
 def measure(name: str, train, sample, repeats: int, kinds: list[str]) -> list[list[str]]:
     torch.manual_seed(0)
     model = MODELS[name]()
     epoch = median_seconds(lambda: train_epoch(model, DataLoader(train, batch_size=64, shuffle=True)), repeats)
     rows = [[name, "training epoch", "—", f"{epoch:.1f} s", "1.00"]]
+    copy_ = repair_copy(model)  # what the callback differentiates: eval mode, activations out of place
+    loader = DataLoader(sample, batch_size=64)
     for kind in kinds:
         for backend in BACKENDS:
-            try:
-                seconds = median_seconds(lambda: diagonal_fisher(model, DataLoader(sample, batch_size=64), kind,
-                                                                 backend=backend), repeats)
-                rows.append([name, f"{kind} Fisher", backend, f"{seconds:.1f} s", f"{seconds / epoch:.2f}"])
-            except Exception as error:  # noqa: BLE001 - the row reports what stopped the backend
-                reason = str(error).splitlines()[0][:90]
-                rows.append([name, f"{kind} Fisher", backend, f"fails: {type(error).__name__}: {reason}", "—"])
+            rows.append(_row(name, f"{kind} Fisher", backend,
+                             lambda: diagonal_fisher(copy_, loader, kind, backend=backend), repeats, epoch))
+    for backend in ("backpack", CONVERTER, "torch_func"):  # the converter's time includes its torch.fx rewrite
+        rows.append(_row(name, "per-example gradients", backend,
+                         lambda: per_example_pass(copy_, backend)(loader), repeats, epoch))
     return rows
 
 
@@ -100,7 +152,12 @@ def main(argv: list[str] | None = None) -> None:
              f"Made by `python -m benchmarks.backends --n {args.n} --fisher-samples {args.fisher_samples} "
              f"--repeats {args.repeats} --threads {args.threads} --kinds {' '.join(args.kinds)}`; median of {args.repeats}, all in one process. "
              f"One epoch = one pass of Adam over {args.n:,} images; each Fisher averages over "
-             f"{len(sample):,} of them. Machine: {machine.get('cpu', '?')}, torch {torch.__version__}.",
+             f"{len(sample):,} of them. Machine: {machine.get('cpu', '?')}, torch {torch.__version__}. ResNet-18 is "
+             "torchvision's as written, its first convolution taking 1 channel (as in `examples/resnet_repair.py`). "
+             "Every row runs on the callback's repair copy (eval mode, activations out of place). BackPACK's "
+             f"`{CONVERTER}` rows include its torch.fx rewrite; its second-order extensions stop at the rewritten "
+             "residual additions, so an MC Fisher through it would cost at least its per-example gradients (at "
+             "sampled labels, then squared), against torch.func's `mc Fisher` row.",
              "| model | quantity | backend | time | ÷ one epoch |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     args.output.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")

@@ -9,6 +9,9 @@ median of one training epoch (Adam, batch 64) measured in the same process: on a
 drift, ratios much less. Peak resident memory (``ru_maxrss``) is per process, so plain training and a repair
 round are measured in separate child processes (``--measure-memory train|round``) at two sizes of D.
 
+Then torchvision's ResNet-18 (as ``examples/resnet_repair.py`` builds it) runs one ``Trainer.fit`` epoch and a
+round per curvature backend, each divided by its own fit's epoch (``--resnet-n``, 0 skips it).
+
 Writes ``benchmarks/results/speed.md`` and prints the same tables.
 """
 
@@ -42,6 +45,14 @@ FULL_N = 50_000
 EPOCH_TARGET = {"linear": 1.5, "ewc": 1.5, "knn": 0.75, "round": 0.75}   # at N = 50,000 (issue 14)
 SMALL_N_SCORER_TARGET = 1.0   # at N ≤ 5,000 (the 3k regime) every scorer ≤ one epoch
 SCALING_N = (10_000, 25_000)  # sizes of D whose whole round is also timed, to show how it grows
+RESNET_N = 2_000              # training images of the ResNet-18 rounds
+# The ResNet-18 rounds, one Trainer.fit each: what the callback picks by itself, and each backend forced.
+RESNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "RepairCallback() (curvature='auto')": {},
+    "curvature='backpack'": {"curvature": "backpack"},
+    "curvature='torch_func'": {"curvature": "torch_func"},
+    "curvature='backpack', params=['net.fc']": {"curvature": "backpack", "params": ["net.fc"]},
+}
 MEMORY_OVERHEAD_TARGET = 0.10    # a round's peak RSS ≤ 1.10 × plain training's
 # "Does not grow with N beyond one number per example": 4–8 bytes per example is far below what ru_maxrss can
 # resolve (a few MB between runs), so the check is that the round's extra memory grows by at most this many bytes
@@ -190,6 +201,66 @@ def new_module(state: dict[str, Tensor] | None):
     if state is not None:
         module.load_state_dict(state)
     return module
+
+
+def resnet_module():
+    """``ImageClassifier`` around torchvision's ResNet-18 with its own stem for 1-channel images, as in
+    ``examples/resnet_repair.py``."""
+    from benchmarks.backends import resnet18
+
+    module = new_module(None)
+    module.net = resnet18(small_stem=False)
+    return module
+
+
+def resnet_rounds(n: int, device: torch.device) -> list[dict]:
+    """One ``Trainer.fit`` of one epoch per entry of ``RESNET_CONFIGS``, each from the same initial weights, with
+    the round after its validation; returns each round's seconds and the fit's training epoch, or why it failed."""
+    from lightning_repair import RepairCallback
+
+    data = data_module(n)
+    results = []
+    for label, arguments in RESNET_CONFIGS.items():
+        repair = RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH, **arguments)
+        clock = epoch_clock()
+        try:
+            with tempfile.TemporaryDirectory() as root:
+                trainer(device, root, [repair, clock]).fit(resnet_module(), data)
+            record_ = repair.rounds[0].to_dict()
+            results.append({"label": label, "epoch": clock.seconds[0], "round": record_})
+            print(f"  ResNet-18, {label}: epoch {clock.seconds[0]:.1f} s, round {record_['seconds_total']:.1f} s "
+                  f"({record_.get('curvature')})", flush=True)
+        except Exception as error:  # noqa: BLE001 - the row reports what stopped this backend
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            results.append({"label": label, "epoch": clock.seconds[0] if clock.seconds else None, "error": reason})
+            print(f"  ResNet-18, {label}: fails: {reason}", flush=True)
+    return results
+
+
+def resnet_report(results: list[dict], n: int) -> list[str]:
+    if not results:
+        return []
+    lines = ["## ResNet-18: a whole round per curvature backend", "",
+             f"torchvision's `resnet18` as written (in-place ReLUs, residual additions, its 7×7 stride-2 stem and "
+             f"max-pool; only the first convolution takes 1 channel) in `ImageClassifier`, on the first {n:,} "
+             "images, `Trainer.fit` of one epoch from the same initial weights, then one round "
+             f"(`RepairCallback(start_epoch=0, top_fraction={TOP_FRACTION}, batch_size={REPAIR_BATCH}, ...)`, "
+             "defaults otherwise: KNN-Shapley (trusted) + EWC unlearning). One run each; every ratio is to the "
+             "same fit's training epoch.", "",
+             "| configuration | backend used | training epoch (s) | round (s) | round ÷ epoch | Fisher | scores | "
+             "treatment |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results:
+        if "error" in row:
+            lines.append(f"| {row['label']} | fails: {row['error']} | "
+                         f"{row['epoch']:.1f} | — | — | — | — | — |" if row["epoch"] else
+                         f"| {row['label']} | fails: {row['error']} | — | — | — | — | — | — |")
+            continue
+        epoch, record_ = row["epoch"], row["round"]
+        phases = " | ".join(f"{float(record_.get(f'seconds_{phase}') or 0.0) / epoch:.2f}"
+                            for phase in ("fisher", "scores", "treatment"))
+        lines.append(f"| {row['label']} | {record_.get('curvature')} | {epoch:.1f} | {record_['seconds_total']:.1f} "
+                     f"| **{record_['seconds_total'] / epoch:.2f}** | {phases} |")
+    return lines + [""]
 
 
 # ---- memory (child process) ------------------------------------------------------------------------------------
@@ -411,6 +482,7 @@ def run(args: argparse.Namespace) -> dict:
                                  "seconds": rows["linear_jvp"]["seconds"] + rows["fisher"]["seconds"], "samples": []}
     rows["ewc_fisher"] = {"label": "EWCInfluence + Fisher", "note": "sum of medians",
                           "seconds": rows["ewc"]["seconds"] + rows["fisher"]["seconds"], "samples": []}
+    resnet = resnet_rounds(args.resnet_n, device) if args.resnet_n else []
     timing_seconds = time.perf_counter() - wall_start
 
     # Memory: plain training and a round, each in a fresh process, at two sizes of D.
@@ -429,7 +501,7 @@ def run(args: argparse.Namespace) -> dict:
             "failures": {"all": failures.size + failures.dropped, "query": len(failures.query),
                          "holdout": len(failures.holdout)},
             "round_records": round_records, "agreement": agreement, "memory": memory, "scaling": scaling,
-            "knn_difference": knn_difference,
+            "knn_difference": knn_difference, "resnet": resnet,
             "timing_seconds": timing_seconds, "total_seconds": time.perf_counter() - wall_start}
 
 
@@ -634,7 +706,7 @@ def report(result: dict, args: argparse.Namespace) -> str:
         if not ok:
             missed.append(("growth", {"label": "memory growth with N"}, per_example, MEMORY_GROWTH_BYTES_PER_EXAMPLE))
 
-    lines += ["", "## Targets missed", ""]
+    lines += ["", *resnet_report(result["resnet"], args.resnet_n), "## Targets missed", ""]
     if not missed:
         lines.append("None.")
     for key, row, value, target in missed:
@@ -665,6 +737,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaling-n", type=int, nargs="*", default=None,
                         help="smaller sizes of D whose whole round is also timed (default 10,000 and 25,000; "
                              "--quick: 2,000)")
+    parser.add_argument("--resnet-n", type=int, default=None,
+                        help=f"training images of the ResNet-18 rounds, one per backend (default {RESNET_N:,}; "
+                             "--quick: 200; 0 skips them)")
     parser.add_argument("--output", type=Path, default=RESULTS / "speed.md")
     parser.add_argument("--measure-memory", choices=["train", "round"], help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)
@@ -684,6 +759,7 @@ def main(argv: list[str] | None = None) -> None:
     args.naive_examples = args.naive_examples or (100 if args.quick else 500)
     args.scaling_n = args.scaling_n if args.scaling_n is not None else ([2_000] if args.quick else list(SCALING_N))
     args.memory_train_batches = args.memory_train_batches or (30 if args.quick else 200)
+    args.resnet_n = args.resnet_n if args.resnet_n is not None else (200 if args.quick else RESNET_N)
     import logging
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     result = run(args)

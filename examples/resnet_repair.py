@@ -3,8 +3,9 @@
     python examples/resnet_repair.py                   # 3,000 training images, 4 epochs, plain and repaired
     python examples/resnet_repair.py --epochs 2 --train-subset 500 --val-size 500   # a quick look
 
-The network keeps torchvision's in-place ReLUs and residual additions; only its stem is adapted to
-1-channel 28×28 images (a 3×3 convolution, no max-pool), as is usual for small images. BackPACK cannot follow
+The network is torchvision's as written: in-place ReLUs, residual additions, its 7×7 stride-2 stem and max-pool.
+Only the first convolution takes 1 channel instead of 3. (The usual small-image stem, a 3×3 convolution without
+the max-pool, keeps 28×28 feature maps into the first stage and trains about 5× slower on a CPU.) BackPACK cannot follow
 the residual additions, so the callback computes per-example gradients and the Fisher with torch.func and says
 so in its log.
 """
@@ -30,13 +31,12 @@ args = parser.parse_args()
 
 
 class ResNetClassifier(pl.LightningModule):
-    """torchvision's resnet18 with a stem for 1-channel 28×28 images, trained with cross-entropy."""
+    """torchvision's resnet18 for 1-channel images, trained with cross-entropy."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = torchvision.models.resnet18(num_classes=10)
-        self.net.conv1 = nn.Conv2d(1, 64, kernel_size=3, padding=1, bias=False)
-        self.net.maxpool = nn.Identity()
+        self.net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
