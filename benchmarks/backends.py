@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import warnings
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,8 @@ def converted_gradients(model: nn.Module) -> Callable[[DataLoader], None]:
 
     def run(loader: DataLoader) -> None:
         for x, y in loader:
-            with backpack(BatchGrad()):
+            with backpack(BatchGrad()), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss_fn(converted(x), y).backward()
             for p in converted.parameters():
                 p.grad, p.grad_batch = None, None
@@ -101,7 +103,10 @@ def converted_gradients(model: nn.Module) -> Callable[[DataLoader], None]:
 def per_example_pass(model: nn.Module, backend: str) -> Callable[[DataLoader], None]:
     if backend == CONVERTER:
         return converted_gradients(model)
-    return lambda loader: [per_example_gradients(model, x, y, backend=backend) for x, y in loader]
+    def run(loader: DataLoader) -> None:
+        for x, y in loader:
+            per_example_gradients(model, x, y, backend=backend)  # one batch's gradients at a time, then dropped
+    return run
 
 
 def _row(name: str, quantity: str, backend: str, work: Callable[[], object], repeats: int,
