@@ -38,26 +38,18 @@ from lightning_repair.models import paper_cnn
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def resnet18(small_stem: bool = True) -> nn.Module:
-    """torchvision's resnet18 as written, for 1-channel images.
-
-    ``small_stem``: the usual stem for 28×28 images (a 3×3 convolution, no max-pool). Otherwise torchvision's own
-    stem (7×7 stride 2, then the max-pool) with one input channel, as ``examples/resnet_repair.py`` uses: about 5×
-    cheaper on a CPU.
-    """
+def resnet18() -> nn.Module:
+    """torchvision's resnet18 as written, its first convolution taking 1 channel, as ``examples/resnet_repair.py``
+    builds it (torchvision's own stem: 7×7 stride 2, then the max-pool; the small-image stem, 3×3 without the
+    max-pool, trains about 5× slower on a CPU)."""
     import torchvision
 
     net = torchvision.models.resnet18(num_classes=10)
-    if small_stem:
-        net.conv1 = nn.Conv2d(1, 64, kernel_size=3, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    else:
-        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return net
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"paper CNN": paper_cnn,
-                                              "ResNet-18": lambda: resnet18(small_stem=False)}
+MODELS: dict[str, Callable[[], nn.Module]] = {"paper CNN": paper_cnn, "ResNet-18": resnet18}
 
 
 def median_seconds(work: Callable[[], object], repeats: int) -> float:

@@ -209,7 +209,7 @@ def resnet_module():
     from benchmarks.backends import resnet18
 
     module = new_module(None)
-    module.net = resnet18(small_stem=False)
+    module.net = resnet18()
     return module
 
 
