@@ -16,24 +16,24 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import warnings
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from backpack import backpack, extend
+from backpack.extensions import BatchGrad
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.environment import environment
-from backpack import backpack, extend
-from backpack.extensions import BatchGrad
-
+from benchmarks.report import failure
 from lightning_repair.curvature import BACKENDS, FISHER_KINDS, diagonal_fisher, per_example_gradients
-from lightning_repair.params import repair_copy
 from lightning_repair.data import FashionMNISTDataModule
 from lightning_repair.models import paper_cnn
+from lightning_repair.params import repair_copy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,6 +95,7 @@ def converted_gradients(model: nn.Module) -> Callable[[DataLoader], None]:
 def per_example_pass(model: nn.Module, backend: str) -> Callable[[DataLoader], None]:
     if backend == CONVERTER:
         return converted_gradients(model)
+
     def run(loader: DataLoader) -> None:
         for x, y in loader:
             per_example_gradients(model, x, y, backend=backend)  # one batch's gradients at a time, then dropped
@@ -107,8 +108,7 @@ def _row(name: str, quantity: str, backend: str, work: Callable[[], object], rep
         seconds = median_seconds(work, repeats)
         return [name, quantity, backend, f"{seconds:.1f} s", f"{seconds / epoch:.2f}"]
     except Exception as error:  # noqa: BLE001 - the row reports what stopped the backend
-        reason = str(error).splitlines()[0][:90]
-        return [name, quantity, backend, f"fails: {type(error).__name__}: {reason}", "—"]
+        return [name, quantity, backend, f"fails: {failure(error, 90)}", "—"]
 
 
 def measure(name: str, train, sample, repeats: int, kinds: list[str]) -> list[list[str]]:

@@ -174,6 +174,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     partial.replace(path)
 
 
+def failure(error: BaseException, width: int) -> str:
+    """What stopped a measured path, for a table cell: the error's type and the first ``width`` characters of its
+    first line."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {first[:width]}"
+
+
 def _without_nan(value: Any) -> Any:
     """``value`` with every NaN or infinity replaced by None, so that the file is standard JSON."""
     if isinstance(value, float):

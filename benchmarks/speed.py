@@ -216,6 +216,7 @@ def resnet_module():
 def resnet_rounds(n: int, device: torch.device) -> list[dict]:
     """One ``Trainer.fit`` of one epoch per entry of ``RESNET_CONFIGS``, each from the same initial weights, with
     the round after its validation; returns each round's seconds and the fit's training epoch, or why it failed."""
+    from benchmarks.report import failure
     from lightning_repair import RepairCallback
 
     data = data_module(n)
@@ -231,7 +232,7 @@ def resnet_rounds(n: int, device: torch.device) -> list[dict]:
             print(f"  ResNet-18, {label}: epoch {clock.seconds[0]:.1f} s, round {record_['seconds_total']:.1f} s "
                   f"({record_.get('curvature')})", flush=True)
         except Exception as error:  # noqa: BLE001 - the row reports what stopped this backend
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            reason = failure(error, 120)
             results.append({"label": label, "epoch": clock.seconds[0] if clock.seconds else None, "error": reason})
             print(f"  ResNet-18, {label}: fails: {reason}", flush=True)
     return results
@@ -253,9 +254,8 @@ def resnet_report(results: list[dict], n: int) -> list[str]:
              "treatment |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results:
         if "error" in row:
-            lines.append(f"| {row['label']} | fails: {row['error']} | "
-                         f"{row['epoch']:.1f} | — | — | — | — | — |" if row["epoch"] else
-                         f"| {row['label']} | fails: {row['error']} | — | — | — | — | — | — |")
+            epoch = f"{row['epoch']:.1f}" if row["epoch"] else "—"
+            lines.append(f"| {row['label']} | fails: {row['error']} | {epoch} | — | — | — | — | — |")
             continue
         epoch, record_ = row["epoch"], row["round"]
         phases = " | ".join(f"{float(record_.get(f'seconds_{phase}') or 0.0) / epoch:.2f}"
