@@ -469,7 +469,7 @@ def run(args: argparse.Namespace) -> dict:
 
     round_row("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) + EWC unlearning)",
               "seconds_total")
-    round_row("round_failures", "  failures (predict on 10,000 validation images)", "seconds_failures")
+    round_row("round_failures", "  failures + the head's inputs over V (one no-grad pass)", "seconds_failures")
     round_row("round_fisher", "  Fisher", "seconds_fisher")
     round_row("round_scores", "  scores (KNN-Shapley, trusted)", "seconds_scores")
     round_row("round_treatment", "  suspects + treatment (EWC unlearning)", "seconds_treatment")

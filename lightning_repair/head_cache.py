@@ -123,6 +123,14 @@ class HeadCache:
             return None
         return torch.cat([self.head(features).argmax(dim=1) for features in self.inputs]).cpu()
 
+    def features(self, positions: Tensor) -> Tensor | None:
+        """The head's recorded inputs (flattened, float32, on the model's device) of the examples at ``positions``;
+        None once the cache has found it cannot serve."""
+        if not self.inputs:
+            return None
+        flat = torch.cat([features.flatten(1) for features in self.inputs]).float()
+        return flat[positions.to(flat.device)]
+
     def _head_moved(self) -> bool:
         return any(not torch.equal(p, value) for p, value in zip(self.head.parameters(), self.head_at_build))
 

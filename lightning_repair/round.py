@@ -28,7 +28,7 @@ from lightning_repair.distributed import SINGLE_PROCESS, Ranks
 from lightning_repair.examples import Examples
 from lightning_repair.failures import FailureSet, accuracy, hold_back, predict, split_failures
 from lightning_repair.head_cache import HeadCache
-from lightning_repair.identify import KNNShapley, Scorer, ScoringInputs
+from lightning_repair.identify import KNNShapley, RecordedInputs, Scorer, ScoringInputs
 from lightning_repair.identify.base import Progress, no_progress
 from lightning_repair.params import repair_copy
 from lightning_repair.selection import check_selection, ranked, select_causes
@@ -246,6 +246,10 @@ class _Round:
         if len(failures.query) == 0:
             rank_zero_info("RepairCallback: no failures on the validation data; nothing to repair this round.")
             return self.skipped("no failures")
+        # The head's inputs over V at θ̂, from one no-grad pass: the scorer's embeddings of F_q and R_q (KNN-Shapley),
+        # and every candidate that moved only the head is then predicted without a forward pass.
+        self.head_cache, _ = HeadCache.record(self.model, self.validation.loader(), self.adapter)
+        record.seconds_failures += self.clock.lap()
         fisher = None
         if self.settings.scorer.needs_fisher or self.settings.treatment.needs_fisher:
             try:
@@ -254,7 +258,7 @@ class _Round:
                 rank_zero_warn(f"RepairCallback: skipping this round: {error}")
                 return self.skipped("non-finite Fisher")
         record.seconds_fisher, record.curvature = self.clock.lap(), self.backend
-        scores = self.scores(failures, fisher)
+        scores = self.scores(failures, labels, fisher)
         if not torch.isfinite(scores[self.kept]).all():
             rank_zero_warn("RepairCallback: some scores are NaN or infinite (non-finite losses?); skipping this "
                            "round. Check the model's losses or lower the learning rate.")
@@ -318,11 +322,12 @@ class _Round:
         weighted = ranks.sum_each([f * len(mine) for f in fisher])
         return [f / len(sample) for f in weighted]
 
-    def scores(self, failures: FailureSet, fisher: list[Tensor] | None) -> Tensor:
+    def scores(self, failures: FailureSet, labels: Tensor, fisher: list[Tensor] | None) -> Tensor:
         """One score per training-dataset index (NaN for removed examples); higher = more likely a cause."""
         settings, validation = self.settings, self.validation
         fit_part, stop_part = hold_back(failures.query, settings.stop_fraction, self.seed)  # EWC influence only
         trusted = torch.cat([failures.query, failures.guard]).sort().values  # never F_h or R: the rollback's
+        recorded = self.recorded_inputs(failures.query, trusted, labels)
 
         def score(share: Tensor) -> Tensor:
             return settings.scorer.score(ScoringInputs(
@@ -330,7 +335,7 @@ class _Round:
                 stop=validation.subset(stop_part).loader() if stop_part is not None else None,
                 query_fit=validation.subset(fit_part).loader(), trusted=validation.subset(trusted).loader(),
                 fisher=fisher, n_train=len(self.kept), adapter=self.adapter, seed=self.seed,
-                progress=self.progress, ranks=self.ranks)).float().cpu()
+                progress=self.progress, ranks=self.ranks, recorded=recorded)).float().cpu()
 
         # A shardable scorer scores a share of D on each rank; any other shares its own work through `ranks`.
         scored = self.ranks.gather(self.kept, score) if settings.scorer.shardable else score(self.kept)
@@ -351,8 +356,6 @@ class _Round:
         settings, train = self.settings, self.train
         generator = torch.Generator().manual_seed(self.seed)
         without_causes = self.kept[~torch.isin(self.kept, causes)]
-        # The head's inputs over V at θ̂: candidates that moved only the head are then predicted without a forward pass.
-        self.head_cache, _ = HeadCache.record(self.model, self.validation.loader(), self.adapter)
         judge = Judge(self.model, self.correctness_on(failures.query, labels),
                       self.correctness_on(failures.guard, labels), self.failure_share,
                       margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop)
@@ -399,6 +402,21 @@ class _Round:
         """The treated copy's predictions on V: from the head cache where it serves, else predicted."""
         cached = self.cached_predictions(self.model)
         return cached if cached is not None else self.predict()[0]
+
+    def recorded_inputs(self, query: Tensor, trusted: Tensor, labels: Tensor) -> RecordedInputs | None:
+        """The head cache's inputs and the labels of F_q and of F_q ∪ R_q (validation positions), for the scorer."""
+        cache = self.head_cache
+        if cache is None:
+            return None
+
+        def at(positions: Tensor) -> tuple[Tensor, Tensor] | None:
+            features = cache.features(positions)
+            return None if features is None else (features, labels[positions].to(features.device))
+
+        query_inputs, trusted_inputs = at(query), at(trusted)
+        if query_inputs is None or trusted_inputs is None:
+            return None
+        return RecordedInputs(cache.head, query_inputs, trusted_inputs)
 
     def cached_predictions(self, model: nn.Module) -> Tensor | None:
         """``model``'s predictions on V from the head cache; None where it has none or cannot serve."""

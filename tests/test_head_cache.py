@@ -22,6 +22,8 @@ from lightning_repair.identify import TrainingLoss
 from lightning_repair.identify.baselines import training_loss
 from lightning_repair.identify.ewc import loss_change
 from lightning_repair.identify.influence import directional_derivatives, gradient_alignment
+from lightning_repair.identify import KNNShapley
+from lightning_repair.identify import knn_shapley as knn_module
 from lightning_repair.identify.knn_shapley import embeddings
 from lightning_repair.treat import EWCUnlearning, Finetune
 
@@ -157,6 +159,36 @@ def test_a_round_decides_the_same_with_and_without_the_cache(monkeypatch, treatm
     assert {k: v for k, v in cached.record.items() if k not in timing} == \
         {k: v for k, v in uncached.record.items() if k not in timing}
     assert all(torch.equal(a, b) for a, b in zip(cached.model.parameters(), uncached.model.parameters()))
+
+
+@pytest.mark.parametrize("utility, module, reads_recorded", [
+    ("trusted", None, True), ("query", None, True), ("trusted", "net.0", False)])
+def test_knn_shapley_reads_the_utility_points_from_the_rounds_pass_over_v(monkeypatch, utility, module,
+                                                                          reads_recorded):
+    """F_q's and R_q's embeddings are the head's inputs the round recorded: no second pass over them, same scores.
+    An embedding at another layer than the head still gets its own pass."""
+    torch.manual_seed(0)
+    model, data = TinyClassifier(), BlobsDataModule()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for x, y, _ in data.train_dataloader():
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    settings = RepairRound(scorer=KNNShapley(utility=utility, module=module), selection={"top_k": 10})
+    embedded = []
+    shared_embeddings = knn_module._shared_embeddings
+    monkeypatch.setattr(knn_module, "_shared_embeddings", lambda model, loader, role, *args, **kwargs:
+                        embedded.append(role) or shared_embeddings(model, loader, role, *args, **kwargs))
+    cached = settings.run(model, data.train_dataloader(), data.val_dataloader())
+    assert embedded == (["training"] if reads_recorded else ["training", "validation"])
+    monkeypatch.setattr(round_module.HeadCache, "record", classmethod(
+        lambda cls, model, loader, adapter=None: (None, predict(model, loader, adapter)[0])))
+    embedded.clear()
+    uncached = settings.run(model, data.train_dataloader(), data.val_dataloader())
+    assert embedded == ["training", "validation"]
+    assert torch.isfinite(cached.scores).sum() > 100 and cached.scores.nan_to_num().abs().max() > 0
+    torch.testing.assert_close(cached.scores, uncached.scores, rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert torch.equal(cached.causes, uncached.causes)
 
 
 class _HostReads(TorchDispatchMode):

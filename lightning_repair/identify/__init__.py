@@ -4,7 +4,7 @@ Each method is a :class:`Scorer` class for the callback and LightningCLI, and a 
 without a Trainer.
 """
 
-from lightning_repair.identify.base import Scorer, ScoringInputs
+from lightning_repair.identify.base import RecordedInputs, Scorer, ScoringInputs
 from lightning_repair.identify.baselines import RandomScores, TrainingLoss, training_loss
 from lightning_repair.identify.ewc import EWCInfluence, ewc_influence
 from lightning_repair.identify.influence import GradientDot, LinearInfluence, linear_influence
@@ -12,7 +12,7 @@ from lightning_repair.identify.knn_shapley import KNNShapley, knn_shapley_scores
 
 # The scorers and their plain functions; helpers (embeddings, loss_change, ...) stay in their modules.
 __all__ = [
-    "EWCInfluence", "GradientDot", "KNNShapley", "LinearInfluence", "RandomScores", "Scorer", "ScoringInputs",
+    "EWCInfluence", "GradientDot", "KNNShapley", "LinearInfluence", "RandomScores", "RecordedInputs", "Scorer", "ScoringInputs",
     "TrainingLoss", "ewc_influence", "knn_shapley_scores", "knn_shapley_values", "linear_influence",
     "training_loss",
 ]

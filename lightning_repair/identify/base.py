@@ -22,6 +22,22 @@ def no_progress(loader: DataLoader, description: str) -> Iterable:
 
 
 @dataclass(frozen=True)
+class RecordedInputs:
+    """The inputs of one layer (the model's head) over the validation examples a scorer may read, recorded at θ̂
+    by the round's pass over V, so that a scorer embedding them at that layer needs no pass of its own.
+
+    Attributes:
+        module: the layer whose inputs these are.
+        query: flattened inputs (|F_q|, d) and labels (|F_q|,) of F_q, in the order of ``ScoringInputs.query``.
+        trusted: the same for F_q ∪ R_q, in the order of ``ScoringInputs.trusted``.
+    """
+
+    module: nn.Module
+    query: tuple[Tensor, Tensor]
+    trusted: tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
 class ScoringInputs:
     """What a scorer may read in one repair round.
 
@@ -41,6 +57,8 @@ class ScoringInputs:
         ranks: the DDP processes a scorer that is not ``shardable`` may split its own work across (KNN-Shapley
             embeds a share of ``train`` and values against a share of the utility points on each rank); every rank
             then gets the same scores. The default is one process.
+        recorded: the head's inputs over ``query`` and ``trusted`` at θ̂, where the round recorded them (the same
+            on every rank); None otherwise.
     """
 
     model: nn.Module
@@ -55,6 +73,7 @@ class ScoringInputs:
     progress: Progress = no_progress
     query_fit: DataLoader | None = None
     ranks: Ranks = SINGLE_PROCESS
+    recorded: RecordedInputs | None = None
 
 
 class Scorer(Method, ABC):

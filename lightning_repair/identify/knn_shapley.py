@@ -90,10 +90,15 @@ class KNNShapley(Scorer):
         if utility_loader is None:
             raise ValueError("KNNShapley(utility='trusted') needs F_q ∪ R_q (`inputs.trusted`), which these inputs "
                              "do not provide.")
-        model, ranks, adapter = inputs.model, inputs.ranks, inputs.adapter
+        model, ranks, adapter, recorded = inputs.model, inputs.ranks, inputs.adapter, inputs.recorded
         train_x, train_y = _shared_embeddings(model, inputs.train, "training", ranks, self.module, adapter,
                                               inputs.progress)
-        utility_x, utility_y = _shared_embeddings(model, utility_loader, "validation", ranks, self.module, adapter)
+        if recorded is not None and recorded.module is _embedding_layer(model, self.module):
+            # The round recorded these inputs over V already: no second pass over the utility points.
+            utility_x, utility_y = recorded.query if self.utility == "query" else recorded.trusted
+        else:
+            utility_x, utility_y = _shared_embeddings(model, utility_loader, "validation", ranks, self.module,
+                                                      adapter)
         truncation = None if self.tolerance is None else truncation_for(self.tolerance, len(train_y), self.k)
         return knn_shapley_scores(train_x, train_y, utility_x, utility_y, k=self.k, batch_size=self.batch_size,
                                   truncation=truncation, ranks=ranks).float().cpu()
@@ -389,17 +394,22 @@ def embedding_module(model: nn.Module) -> str:
     return name
 
 
+def _embedding_layer(model: nn.Module, module: str | None) -> nn.Module:
+    """The module whose input is φ(x): the one named ``module``, by default the last ``nn.Linear``."""
+    name = module or embedding_module(model)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ValueError(f"KNNShapley(module={name!r}): the model has no such module.")
+    return modules[name]
+
+
 @torch.no_grad()
 def embeddings(model: nn.Module, loader: DataLoader, module: str | None = None,
                adapter: BatchAdapter | None = None, progress: Progress = no_progress) -> tuple[Tensor, Tensor]:
     """φ(x), the flattened input of ``module`` (default: the last linear layer), and labels, for ``loader``."""
     adapter = adapter or BatchAdapter()
-    name = module or embedding_module(model)
-    modules = dict(model.named_modules())
-    if name not in modules:
-        raise ValueError(f"KNNShapley(module={name!r}): the model has no such module.")
     captured: list[Tensor] = []
-    handle = modules[name].register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
+    handle = _embedding_layer(model, module).register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
     features, labels = [], []
     try:
         for index, (inputs, y) in enumerate(batches(progress(loader, "repair: embedding"), model, adapter)):
