@@ -333,7 +333,8 @@ def run(args: argparse.Namespace) -> dict:
     from lightning_repair.curvature import loss_gradient
     from lightning_repair.examples import Examples
     from lightning_repair.failures import predict, split_failures
-    from lightning_repair.identify import EWCInfluence, KNNShapley, LinearInfluence, ScoringInputs
+    from lightning_repair.head_cache import HeadCache
+    from lightning_repair.identify import EWCInfluence, KNNShapley, LinearInfluence, RecordedInputs, ScoringInputs
     from lightning_repair.identify.knn_shapley import embeddings
     from lightning_repair.identify.ewc import loss_change
     from lightning_repair.optimize import fit_to_failures
@@ -390,11 +391,22 @@ def run(args: argparse.Namespace) -> dict:
     fisher = record("fisher", f"diagonal Fisher ({callback.settings.fisher_samples:,} examples, BackPACK)",
                     lambda: sampled_fisher(model, train, kept, callback, seed))
 
-    trusted = validation.subset(torch.cat([failures.query, failures.guard]).sort().values).loader()
+    trusted_positions = torch.cat([failures.query, failures.guard]).sort().values
+    trusted = validation.subset(trusted_positions).loader()
+    # The round's one no-grad pass over V at θ̂: the head's inputs, KNN-Shapley's embeddings of F_q and R_q.
+    cache = record("head_inputs", "the head's inputs over V (the round's pass; KNN-Shapley's F_q, R_q embeddings)",
+                   lambda: HeadCache.record(model, validation.loader(), callback.settings.adapter)[0])
+
+    def at(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = cache.features(positions)
+        return features, labels[positions].to(features.device)
+
+    recorded = RecordedInputs(cache.head, at(failures.query), at(trusted_positions))
 
     def inputs() -> ScoringInputs:
         return ScoringInputs(model=model, train=train_loader, query=query, stop=stop, query_fit=query_fit,
-                             trusted=trusted, fisher=fisher, n_train=n, adapter=callback.settings.adapter, seed=seed)
+                             trusted=trusted, fisher=fisher, n_train=n, adapter=callback.settings.adapter, seed=seed,
+                             recorded=recorded)
 
     # (c) linear influence, JVP fast path: the scorer (g_F + one forward-mode pass), and the pass alone.
     direction = natural_gradient(loss_gradient(model, query, callback.settings.adapter), fisher)
@@ -413,9 +425,10 @@ def run(args: argparse.Namespace) -> dict:
     record("ewc_passes", "  of which the 2 forward passes over D",
            lambda: loss_change(model, plus, train_loader, callback.settings.adapter))
 
-    # (e') KNN-Shapley with the trusted utility (the callback's default scorer): one embedding pass over D, then
-    # the values, truncated within the default tolerance; and the exact values (a full sort per utility point).
-    knn = record("knn", "KNNShapley(utility='trusted'): score() = embeddings + values",
+    # (e') KNN-Shapley with the trusted utility (the callback's default scorer): one embedding pass over D (the
+    # utility points' come from the round's pass over V), then the values, truncated within the default tolerance;
+    # and the exact values (a full sort per utility point).
+    knn = record("knn", "KNNShapley(utility='trusted'): score() = embedding pass over D + values",
                  lambda: KNNShapley(utility="trusted").score(inputs()))
     record("knn_embed", "  of which the embedding pass over D",
            lambda: embeddings(model, train_loader, adapter=callback.settings.adapter))
@@ -510,7 +523,7 @@ def run(args: argparse.Namespace) -> dict:
 # ---- report ----------------------------------------------------------------------------------------------------
 
 TABLE = [  # (key, target in epochs or None)
-    ("epoch", None), ("forward", None), ("fisher", None),
+    ("epoch", None), ("forward", None), ("head_inputs", None), ("fisher", None),
     ("linear_jvp", EPOCH_TARGET["linear"]), ("jvp_pass", None), ("linear_jvp_fisher", None),
     ("linear_backpack", None),
     ("ewc", EPOCH_TARGET["ewc"]), ("ewc_fit", None), ("ewc_passes", None), ("ewc_fisher", None),

@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
 from lightning_repair.adapter import BatchAdapter
-from lightning_repair.curvature import FisherKind
+from lightning_repair.adapter import to_device
+from lightning_repair.curvature import FisherKind, model_device
 from lightning_repair.distributed import ranks_of
 from lightning_repair.examples import Examples
 from lightning_repair.exclusion import exclude_from
+from lightning_repair.head_cache import HeadInputs, HeadRecorder
 from lightning_repair.identify import Scorer
 from lightning_repair.loss_check import check_cross_entropy
 from lightning_repair.params import copy_parameters_
@@ -136,6 +138,7 @@ class RepairCallback(Callback):
         self._removed: set[int] = set()
         self._loss_unwarned, self._loss_batch, self._training_loss = True, None, None
         self._validated: list[tuple[Tensor, Tensor]] | None = None
+        self._head_recorder: HeadRecorder | None = None
 
     # ---- public state -------------------------------------------------------------------------------------
 
@@ -222,6 +225,14 @@ class RepairCallback(Callback):
         self._validated = [] if (self._round_due(trainer) and trainer.world_size == 1
                                  and isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler)
                                  ) else None
+        self._stop_recording()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        # The same pass records the head's inputs over V, which the round would otherwise record by a pass of its own.
+        if self._validated is not None and batch_idx == 0 and dataloader_idx == 0 and self._head_recorder is None:
+            inputs = to_device(self.settings.adapter.inputs(batch), model_device(pl_module))
+            self._head_recorder = HeadRecorder(pl_module, inputs, self.settings.adapter)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -230,13 +241,26 @@ class RepairCallback(Callback):
         logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
         if isinstance(logits, Tensor) and logits.dim() == 2:  # kept on the device: no host sync per batch
             self._validated.append((logits.detach().argmax(1), self.settings.adapter.labels(batch)))
+            if self._head_recorder is not None:
+                self._head_recorder.batch_done(logits.detach())
         else:
             self._validated = None
+            self._stop_recording()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_recording()  # no hook of ours stays on the user's module
+
+    def _stop_recording(self) -> HeadInputs | None:
+        """Ends the recording of the head's inputs; what it recorded, or None (the round then records them, and
+        says why a cache cannot serve if it cannot)."""
+        recorder, self._head_recorder = self._head_recorder, None
+        return recorder.finish(log=False) if recorder is not None else None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._round_due(trainer):
             return
         validated, self._validated = self._validated, None
+        head_inputs = self._stop_recording()
         if validated:
             predictions, labels = (torch.cat([part[i].cpu() for part in validated]) for i in (0, 1))
             validated = (predictions, labels) if len(labels) == len(trainer.val_dataloaders.dataset) else None
@@ -249,7 +273,7 @@ class RepairCallback(Callback):
             pl_module, train, _single_loader(trainer.val_dataloaders, "validation"), removed=self._removed,
             number=len(self.rounds) + 1, seed=self.seed, epoch=trainer.current_epoch, global_step=trainer.global_step,
             flipped=flipped, ranks=ranks_of(trainer.strategy), progress=_progress_bar(trainer),
-            validated=validated or None)
+            validated=validated or None, head_inputs=head_inputs if validated else None)
         self.settings.backend = outcome.backend or self.settings.backend  # chosen once per fit
         if outcome.record.accepted:
             copy_parameters_(pl_module, outcome.model)

@@ -2,8 +2,9 @@
 
 Treatments move only the classification head by default (EWC deletion, fine-tuning), and a round predicts V many
 times after one: every candidate is judged on F_q and R_q, and the choice on F_h and R. The layers below the head
-do not move, so neither do the head's inputs. One no-grad pass over V at θ̂ records them; after it, a model's
-predictions cost the head alone, one small matrix multiply per batch instead of a forward pass.
+do not move, so neither do the head's inputs. One no-grad pass over V at θ̂ records them (Lightning's validation
+loop, when the callback can read it, else the round's own pass); after it, a model's predictions cost the head
+alone, one small matrix multiply per batch instead of a forward pass.
 
 The cache answers only where it gives what a forward pass would, and says None otherwise (the caller then runs the
 model):
@@ -33,9 +34,97 @@ MAX_ELEMENTS = 2**24
 """At most this many head-input numbers are kept (64 MB in float32); a larger V is predicted by forward passes."""
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """The inputs of a model's head on each batch of a pass over V at θ̂, in order, from :class:`HeadRecorder`.
+
+    Attributes:
+        head: the head's name in the model (``model.named_modules()``), so that a copy of the model finds its own.
+        inputs: one tensor per batch.
+        probe: the first batch's model inputs, for the weight-tying check.
+    """
+
+    head: str
+    inputs: list[Tensor]
+    probe: Any
+
+
+class HeadRecorder:
+    """Records a model's head inputs batch by batch during a no-grad pass over V that someone else runs: the round's
+    own (:meth:`HeadCache.record`) or Lightning's validation loop (the callback), which then costs nothing extra.
+
+    Built on the pass's first batch, before the model sees it: one extra forward of that batch finds the head (the
+    last module with parameters to run). After each batch, :meth:`batch_done` gets the logits the pass computed;
+    :meth:`finish` gives the inputs, or None (the reason is logged) wherever a cache could not serve.
+    """
+
+    def __init__(self, model: nn.Module, first_inputs: Any, adapter: BatchAdapter,
+                 max_elements: int = MAX_ELEMENTS) -> None:
+        self.max_elements, self.probe, self.elements = max_elements, first_inputs, 0
+        self.recorded: list[Tensor] = []
+        self.calls, self.batches, self.paused = 0, 0, False
+        self.agrees = torch.ones((), dtype=torch.bool, device=model_device(model))
+        self.head, self.reason = _last_module_with_parameters(model, first_inputs, adapter)
+        self.name = next((name for name, m in model.named_modules() if m is self.head), None)
+        self.handle = (self.head.register_forward_pre_hook(self._keep_input, with_kwargs=True)
+                       if self.reason is None else None)
+
+    def _keep_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.paused:
+            return
+        self.calls += 1
+        if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            self.recorded.append(args[0].detach().clone())
+
+    def _decline(self, why: str) -> None:
+        self.reason = self.reason or why
+        self.recorded.clear()
+        self.close()
+
+    @torch.no_grad()
+    def batch_done(self, logits: Tensor) -> None:
+        """After the pass's forward of one batch: check that the head ran once, on one tensor, and gave ``logits``."""
+        if self.reason is not None:
+            return
+        calls, self.calls = self.calls, 0
+        if calls != 1 or len(self.recorded) != self.batches + 1:
+            return self._decline("the head is called more than once per batch, or with more than one tensor")
+        if self.recorded[-1].dtype != next(self.head.parameters()).dtype:
+            return self._decline("the pass ran in another precision than the head's weights (autocast)")
+        self.elements += self.recorded[-1].numel()
+        if self.elements > self.max_elements:
+            return self._decline(f"its inputs over V would exceed {self.max_elements:,} numbers")
+        self.paused = True  # the check below calls the head
+        self.agrees = self.agrees & _close(self.head(self.recorded[-1]), logits)  # on the device: no host sync
+        self.paused = False
+        self.batches += 1
+
+    def finish(self, log: bool = True) -> HeadInputs | None:
+        """The recorded inputs, or None (and, with ``log``, the reason logged) where a cache could not serve."""
+        self.close()
+        if self.reason is None and not self.recorded:
+            self.reason = "there were no batches"
+        if self.reason is None and len(self.recorded) != self.batches:
+            self.reason = "the pass ended inside a batch"
+        if self.reason is None and not bool(self.agrees):  # one host sync for the whole pass
+            self.reason = "the head's output is not the model's logits"
+        if self.reason is not None:
+            if log:
+                rank_zero_info(f"RepairCallback: predicting candidates by full forward passes ({self.reason}).")
+            return None
+        return HeadInputs(self.name, self.recorded, self.probe)
+
+    def close(self) -> None:
+        """Removes the hook (a pass that ends early must call it)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
 @dataclass
 class HeadCache:
-    """The inputs of ``model``'s head on each batch of a loader, recorded at θ̂. Build with :meth:`record`."""
+    """The inputs of ``model``'s head on each batch of a loader, recorded at θ̂. Build with :meth:`record` (its own
+    pass) or :meth:`from_inputs` (inputs a :class:`HeadRecorder` took from another pass)."""
 
     model: nn.Module
     head: nn.Module
@@ -53,57 +142,32 @@ class HeadCache:
         """One no-grad pass over ``loader``: the model's predicted classes, in order (on the CPU), and the cache,
         or None where it cannot serve this model (the reason is logged)."""
         adapter = adapter or BatchAdapter()
-        head, reason = _last_module_with_parameters(model, loader, adapter)
-        recorded: list[Tensor] = []
-        calls, recording = [0], [reason is None]
-
-        def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if recording[0]:
-                calls[0] += 1
-                if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-                    recorded.append(args[0].detach().clone())
-
-        def declined(why: str) -> str:
-            recording[0] = False
-            recorded.clear()
-            return why
-
-        handle = head.register_forward_pre_hook(keep_input, with_kwargs=True) if head is not None else None
-        device = model_device(model)
-        predictions, agrees, probe, elements = [], torch.ones((), dtype=torch.bool, device=device), None, 0
+        recorder: HeadRecorder | None = None
+        predictions = []
         try:
             for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
-                calls[0], before = 0, len(recorded)
+                recorder = recorder or HeadRecorder(model, inputs, adapter, max_elements)
                 logits = checked_logits(model, inputs, labels, adapter, check_values=index == 0)
                 predictions.append(logits.argmax(dim=1))
-                if reason is not None:
-                    continue
-                if calls[0] != 1 or len(recorded) != before + 1:
-                    reason = declined("the head is called more than once per batch, or with more than one tensor")
-                    continue
-                elements += recorded[-1].numel()
-                if elements > max_elements:
-                    reason = declined(f"its inputs over V would exceed {max_elements:,} numbers")
-                    continue
-                probe = inputs if probe is None else probe
-                recording[0] = False  # the check below calls the head
-                agrees = agrees & _close(head(recorded[-1]), logits)  # on the device: no host sync per batch
-                recording[0] = True
+                recorder.batch_done(logits)
         finally:
-            if handle is not None:
-                handle.remove()
+            if recorder is not None:
+                recorder.close()
         predicted = torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long)
-        if reason is None and not recorded:
-            reason = "there were no batches"
-        if reason is None and not bool(agrees):  # one host sync for the whole pass
-            reason = "the head's output is not the model's logits"
-        if reason is not None:
-            rank_zero_info(f"RepairCallback: predicting candidates by full forward passes ({reason}).")
+        if recorder is None:
+            rank_zero_info("RepairCallback: predicting candidates by full forward passes (there were no batches).")
             return None, predicted
+        recorded = recorder.finish()
+        return (cls.from_inputs(model, recorded, adapter) if recorded is not None else None), predicted
+
+    @classmethod
+    def from_inputs(cls, model: nn.Module, recorded: HeadInputs, adapter: BatchAdapter | None = None) -> "HeadCache":
+        """A cache for ``model`` (at θ̂; the recorded model itself or a copy of it) from a recorder's inputs."""
+        head = dict(model.named_modules())[recorded.head]
         head_tensors = {id(t) for t in [*head.parameters(), *head.buffers()]}
         frozen = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()] if id(t) not in head_tensors]
         head_at_build = [p.detach().clone() for p in head.parameters()]
-        return cls(model, head, recorded, probe, adapter, frozen, head_at_build), predicted
+        return cls(model, head, recorded.inputs, recorded.probe, adapter or BatchAdapter(), frozen, head_at_build)
 
     @torch.no_grad()
     def predictions(self, model: nn.Module) -> Tensor | None:
@@ -135,19 +199,17 @@ class HeadCache:
         return any(not torch.equal(p, value) for p, value in zip(self.head.parameters(), self.head_at_build))
 
 
-def _last_module_with_parameters(model: nn.Module, loader: DataLoader, adapter: BatchAdapter
+def _last_module_with_parameters(model: nn.Module, inputs: Any, adapter: BatchAdapter
                                  ) -> tuple[nn.Module | None, str | None]:
-    """The module with parameters of its own that runs last in a forward pass (the head), or why there is none."""
+    """The module with parameters of its own that runs last in a forward pass of ``inputs`` (the head), or why
+    there is none."""
     owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
     if any(m.training for m in model.modules()):
         return None, "the model is in train mode"
     order: list[nn.Module] = []
     handles = [m.register_forward_hook(lambda module, args, output: order.append(module)) for m in owners]
     try:
-        first = next(iter(batches(loader, model, adapter)), None)
-        if first is None:
-            return None, "there were no batches"
-        adapter.logits(model, first[0])
+        adapter.logits(model, inputs)
     finally:
         for handle in handles:
             handle.remove()

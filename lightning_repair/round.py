@@ -27,7 +27,7 @@ from lightning_repair.curvature import BACKENDS, FISHER_KINDS, FisherKind, choos
 from lightning_repair.distributed import SINGLE_PROCESS, Ranks
 from lightning_repair.examples import Examples
 from lightning_repair.failures import FailureSet, accuracy, hold_back, predict, split_failures
-from lightning_repair.head_cache import HeadCache
+from lightning_repair.head_cache import HeadCache, HeadInputs
 from lightning_repair.identify import KNNShapley, RecordedInputs, Scorer, ScoringInputs
 from lightning_repair.identify.base import Progress, no_progress
 from lightning_repair.params import repair_copy
@@ -192,7 +192,7 @@ class RepairRound:
     def run(self, module: nn.Module, train: DataLoader, validation: DataLoader, *, removed: Collection[int] = (),
             number: int = 1, seed: int = 0, epoch: int | None = None, global_step: int | None = None,
             flipped: Tensor | None = None, ranks: Ranks = SINGLE_PROCESS, progress: Progress = no_progress,
-            validated: tuple[Tensor, Tensor] | None = None) -> RoundOutcome:
+            validated: tuple[Tensor, Tensor] | None = None, head_inputs: HeadInputs | None = None) -> RoundOutcome:
         """Runs one round on a repair copy of ``module``; ``module`` and the global RNG streams are left as they are.
 
         Args:
@@ -211,13 +211,15 @@ class RepairRound:
             validated: ``module``'s predicted classes and the labels of every validation example, in dataset
                 order, when they are already known (the callback takes them from Lightning's validation loop);
                 None predicts them.
+            head_inputs: the inputs of ``module``'s head over V in dataset order at θ̂, when a pass already recorded
+                them (:class:`~lightning_repair.head_cache.HeadRecorder` in the validation loop); None records them.
         """
         # Gradients even inside Lightning's validation (inference mode); random draws (loader shuffles, MC labels, a
         # treatment's noise) seeded by the round, on forked streams: the caller's RNG goes on as if it had not run.
         with forked_rng(module), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed + number)
             return _Round(self, module, train, validation, set(removed), number, seed + number, ranks,
-                          progress).run(epoch, global_step, flipped, validated)
+                          progress).run(epoch, global_step, flipped, validated, head_inputs)
 
 
 class _Round:
@@ -238,7 +240,7 @@ class _Round:
         self.clock = _Clock()
 
     def run(self, epoch: int | None, global_step: int | None, flipped: Tensor | None,
-            validated: tuple[Tensor, Tensor] | None) -> RoundOutcome:
+            validated: tuple[Tensor, Tensor] | None, head_inputs: HeadInputs | None) -> RoundOutcome:
         record = self.record
         record.epoch, record.global_step = epoch, global_step
         predictions, labels = validated if validated is not None else self.predict()
@@ -246,9 +248,10 @@ class _Round:
         if len(failures.query) == 0:
             rank_zero_info("RepairCallback: no failures on the validation data; nothing to repair this round.")
             return self.skipped("no failures")
-        # The head's inputs over V at θ̂, from one no-grad pass: the scorer's embeddings of F_q and R_q (KNN-Shapley),
-        # and every candidate that moved only the head is then predicted without a forward pass.
-        self.head_cache, _ = HeadCache.record(self.model, self.validation.loader(), self.adapter)
+        # The head's inputs over V at θ̂: the scorer's embeddings of F_q and R_q (KNN-Shapley), and every candidate that
+        # moved only the head is then predicted without a forward pass. Recorded by the validation loop, or here.
+        self.head_cache = (HeadCache.from_inputs(self.model, head_inputs, self.adapter) if head_inputs is not None
+                           else HeadCache.record(self.model, self.validation.loader(), self.adapter)[0])
         record.seconds_failures += self.clock.lap()
         fisher = None
         if self.settings.scorer.needs_fisher or self.settings.treatment.needs_fisher:

@@ -300,9 +300,12 @@ def test_what_chooses_a_repair_never_reads_the_held_out_failures_or_r(tmp_path):
     validation = data.val_dataset
     reads: dict[str, set[int]] = {}
 
+    given = {}
+
     def recording(method, name):
         def wrapped(inputs):
             start = len(validation.served)
+            given[name] = inputs
             try:
                 return method(inputs)
             finally:
@@ -318,6 +321,7 @@ def test_what_chooses_a_repair_never_reads_the_held_out_failures_or_r(tmp_path):
         def on_validation_end(self, trainer, pl_module):
             with torch.no_grad():
                 seen["predictions"] = pl_module(validation.x).argmax(1)
+                seen["features"] = pl_module.net[:2](validation.x)  # the head's inputs
 
     repair = RepairCallback(scorer=scorer, treatment=treatment, start_epoch=0, fisher_samples=32, top_k=10)
     pl.Trainer(max_epochs=1, callbacks=[Predictions(), repair], accelerator="cpu", logger=False,
@@ -326,9 +330,15 @@ def test_what_chooses_a_repair_never_reads_the_held_out_failures_or_r(tmp_path):
     failures = split_failures(seen["predictions"], validation.y, 0.5, 2000, seed=repair.seed + 1)
     measured_only = set(failures.holdout.tolist()) | set(failures.remaining.tolist())
     assert len(failures.holdout) > 0 and len(failures.remaining) > 0
-    assert reads["scorer"] and reads["treatment"]
-    assert not reads["scorer"] & measured_only and not reads["treatment"] & measured_only
-    assert reads["treatment"] <= set(failures.query.tolist()) | set(failures.guard.tolist())
+    readable = torch.cat([failures.query, failures.guard]).sort().values
+    assert reads["treatment"] and not reads["treatment"] & measured_only
+    assert reads["treatment"] <= set(readable.tolist())
+    # KNN-Shapley reads V only as the head's inputs the validation loop recorded, and gets those of F_q ∪ R_q only.
+    recorded = given["scorer"].recorded
+    assert not reads["scorer"] and recorded is not None
+    torch.testing.assert_close(recorded.trusted[0], seen["features"][readable])
+    torch.testing.assert_close(recorded.query[0], seen["features"][failures.query])
+    assert torch.equal(recorded.trusted[1], validation.y[readable])
 
 
 def test_two_repair_callbacks_keep_two_states_in_a_checkpoint(tmp_path):
@@ -380,6 +390,7 @@ def test_scorers_read_all_of_the_query_failures(tmp_path):
         def on_validation_end(self, trainer, pl_module):
             with torch.no_grad():
                 seen["predictions"] = pl_module(validation.x).argmax(1)
+                seen["features"] = pl_module.net[:2](validation.x)  # the head's inputs
 
     repair = RepairCallback(scorer=scorer, start_epoch=0, fisher_samples=32, top_k=10, stop_fraction=0.5)
     pl.Trainer(max_epochs=1, callbacks=[Predictions(), repair], accelerator="cpu", logger=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import BlobsDataModule, TinyClassifier
-from lightning_repair import RepairRound
+from lightning_repair import RepairCallback, RepairRound
 from lightning_repair import round as round_module
 from lightning_repair.failures import predict
 from lightning_repair.head_cache import HeadCache
@@ -189,6 +190,40 @@ def test_knn_shapley_reads_the_utility_points_from_the_rounds_pass_over_v(monkey
     assert torch.isfinite(cached.scores).sum() > 100 and cached.scores.nan_to_num().abs().max() > 0
     torch.testing.assert_close(cached.scores, uncached.scores, rtol=1e-5, atol=1e-7, equal_nan=True)
     assert torch.equal(cached.causes, uncached.causes)
+
+
+class TemperedValidation(TinyClassifier):
+    """Its validation logits rank as the model's but are not the head's output."""
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0]) / 2
+        return {"loss": F.cross_entropy(logits, batch[1]), "logits": logits}
+
+
+class ValidationLogits(TinyClassifier):
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        return {"loss": F.cross_entropy(logits, batch[1]), "logits": logits}
+
+
+@pytest.mark.parametrize("module, precision, recorded_by_the_round", [
+    (ValidationLogits, "32-true", 0), (TemperedValidation, "32-true", 1),
+    (ValidationLogits, "bf16-mixed", 1),  # autocast: the recorded inputs are not in the head's float32
+])
+def test_the_validation_loop_records_the_heads_inputs_only_where_they_are_the_logits(
+        tmp_path, monkeypatch, module, precision, recorded_by_the_round):
+    records = []
+    record = round_module.HeadCache.record
+    monkeypatch.setattr(round_module.HeadCache, "record", classmethod(
+        lambda cls, *args, **kwargs: records.append(1) or record(*args, **kwargs)))
+    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1)
+    torch.manual_seed(0)
+    model = module()
+    pl.Trainer(max_epochs=1, callbacks=[repair], accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+               precision=precision).fit(model, BlobsDataModule())
+    assert len(repair.rounds) == 1 and len(records) == recorded_by_the_round
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # no hook of ours is left
 
 
 class _HostReads(TorchDispatchMode):

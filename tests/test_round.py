@@ -134,17 +134,21 @@ class ShuffledValidation(BlobsDataModule):
     (ReturnsLogits, ShuffledValidation, 1),   # ... unless they come out of dataset order
 ])
 def test_the_validation_loops_logits_spare_a_pass_and_change_nothing(tmp_path, monkeypatch, module, data, passes):
-    calls = []
-    predict_validation = round_module._Round.predict
+    """The validation loop's logits give the failures, and the same loop records the head's inputs (KNN-Shapley's
+    embeddings of F_q and R_q, EWC deletion's candidates): the round makes no pass over V of its own."""
+    calls, records = [], []
+    predict_validation, record = round_module._Round.predict, round_module.HeadCache.record
     monkeypatch.setattr(round_module._Round, "predict", lambda self: calls.append(1) or predict_validation(self))
-    repair = RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0, every_n_epochs=1)
+    monkeypatch.setattr(round_module.HeadCache, "record", classmethod(
+        lambda cls, *args, **kwargs: records.append(1) or record(*args, **kwargs)))
+    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, rollback=False)
     torch.manual_seed(0)
     pl.Trainer(max_epochs=2, callbacks=[repair], accelerator="cpu", logger=False, enable_progress_bar=False,
                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(module(), data())
-    assert len(calls) == 2 * passes and len(repair.rounds) == 2
+    assert len(calls) == len(records) == 2 * passes and len(repair.rounds) == 2
+    assert all(r.candidates_rated for r in repair.rounds)  # candidates judged: from the recorded inputs
 
-    reference = RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0,
-                               every_n_epochs=1)
+    reference = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, rollback=False)
     torch.manual_seed(0)
     pl.Trainer(max_epochs=2, callbacks=[reference], accelerator="cpu", logger=False, enable_progress_bar=False,
                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(
