@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_best_of": _repair(treatment="BestOf"),
     "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
 }
+SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
 RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPAIR_RUNS if r != "repair"])
 LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair": "RepairCallback() defaults",
@@ -330,6 +331,13 @@ def cache_path(setting: Setting, run: str, cache: Path = CACHE) -> Path:
     return cache / f"{setting.tag}_{run}.json"
 
 
+def cached(setting: Setting, run: str, cache: Path = CACHE) -> Path | None:
+    """The cached result of ``run`` in ``setting``, or None. The oracle trains on the clean labels, so the protocol
+    does not enter it (same initial weights and data order per seed): either protocol's oracle serves both."""
+    shared = [replace(setting, protocol=p) for p in PROTOCOLS if p != setting.protocol] if run in SHARED_RUNS else []
+    return next((path for path in (cache_path(s, run, cache) for s in [setting, *shared]) if path.exists()), None)
+
+
 def settings_of(arguments: argparse.Namespace) -> list[Setting]:
     return [Setting(p, r, s, arguments.regime_epochs.get(r, REGIMES[r].epochs))
             for p in arguments.protocols for r in arguments.regimes for s in arguments.seeds]
@@ -340,7 +348,7 @@ def run_all(settings: list[Setting], runs: list[str], jobs: int, threads: int, l
     """Runs what is not cached yet, ``jobs`` at a time, each in a fresh process."""
     # Seed by seed, and within a seed run by run: what finishes first is a complete comparison.
     todo = [(s, r) for seed in sorted({s.seed for s in settings}) for r in runs for s in settings
-            if s.seed == seed and not cache_path(s, r, cache).exists()]
+            if s.seed == seed and cached(s, r, cache) is None]
     log(f"{len(todo)} runs to do, {jobs} at a time")
     context = get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
@@ -354,8 +362,20 @@ def run_all(settings: list[Setting], runs: list[str], jobs: int, threads: int, l
 
 
 def collect(settings: list[Setting], runs: list[str], cache: Path = CACHE) -> list[dict[str, Any]]:
-    paths = [cache_path(s, r, cache) for s in settings for r in runs]
-    return [json.loads(path.read_text()) for path in paths if path.exists()]
+    """Every cached run of ``settings``; an oracle run shared from the other protocol is filed under this one, and
+    says so in ``shared_from``."""
+    records = []
+    for setting in settings:
+        for run in runs:
+            path = cached(setting, run, cache)
+            if path is None:
+                continue
+            record = json.loads(path.read_text())
+            if record["setting"]["protocol"] != setting.protocol:
+                record["shared_from"] = record["setting"]["protocol"]
+                record["setting"] = {**record["setting"], "protocol": setting.protocol}
+            records.append(record)
+    return records
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

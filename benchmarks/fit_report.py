@@ -81,8 +81,17 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
         seeds = sorted({s for run in runs.values() for s in run})
         sections += [f"## `{protocol}`, `{regime}` (seeds {', '.join(map(str, seeds))})",
                      _table(["run", "test accuracy", "change", "beats plain", "gap closed", "precision", "recall",
-                             "removed", "time ÷ plain", "peak MB"], rows),
-                     f"![validation accuracy per epoch](fit_{protocol}_{regime}.png)"]
+                             "removed", "time ÷ plain", "peak MB"], rows)]
+        shared = {seed: record["shared_from"] for run in runs.values() for seed, record in run.items()
+                  if "shared_from" in record}
+        if shared:
+            seeds_shared = ", ".join(map(str, sorted(shared)))
+            sections.append("The oracle trains on the clean labels, so the protocol does not enter it: its "
+                            f"{'seeds' if len(shared) > 1 else 'seed'} {seeds_shared} here "
+                            f"{'are' if len(shared) > 1 else 'is'} the `{next(iter(shared.values()))}` "
+                            f"run{'s' if len(shared) > 1 else ''} (one fit per regime and seed serves both "
+                            "protocols; run twice on one machine, seed 1 gave identical fits).")
+        sections.append(f"![validation accuracy per epoch](fit_{protocol}_{regime}.png)")
         rounds = _rounds_section(runs)
         if rounds:
             sections.append(rounds)

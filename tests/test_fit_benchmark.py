@@ -42,6 +42,21 @@ def test_summaries_pair_each_run_with_plain_training_of_the_same_seed():
     assert math.isnan(summarize_setting(runs)["plain"]["precision"]["mean"])
 
 
+def test_one_oracle_run_serves_both_protocols_and_says_so(tmp_path):
+    import json
+
+    from benchmarks.fit import Setting, cache_path, cached, collect
+
+    pairs, symmetric = Setting("pairs", "3k-mem", 1, 150), Setting("symmetric", "3k-mem", 1, 150)
+    cache_path(pairs, "oracle", tmp_path).write_text(json.dumps(_record("oracle", 1, 0.85, 10.0)))
+    cache_path(pairs, "plain", tmp_path).write_text(json.dumps(_record("plain", 1, 0.70, 10.0)))
+    assert cached(symmetric, "oracle", tmp_path) == cache_path(pairs, "oracle", tmp_path)
+    assert cached(symmetric, "plain", tmp_path) is None  # noisy-label runs depend on the protocol
+    records = collect([symmetric], ["plain", "oracle"], tmp_path)
+    assert [(r["run"], r["setting"]["protocol"], r.get("shared_from")) for r in records] == [
+        ("oracle", "symmetric", "pairs")]
+
+
 @pytest.fixture
 def tiny_regime(tmp_path, monkeypatch):
     from helpers import write_fake_fashion_mnist
