@@ -18,8 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
-from lightning_repair.adapter import BatchAdapter
-from lightning_repair.adapter import to_device
+from lightning_repair.adapter import BatchAdapter, to_device
 from lightning_repair.curvature import FisherKind, model_device
 from lightning_repair.distributed import ranks_of
 from lightning_repair.examples import Examples
