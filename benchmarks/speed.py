@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> dict:
     from lightning_repair.examples import Examples
     from lightning_repair.failures import predict, split_failures
     from lightning_repair.head_cache import HeadCache
-    from lightning_repair.identify import EWCInfluence, KNNShapley, LinearInfluence, RecordedInputs, ScoringInputs
+    from lightning_repair.identify import EWCInfluence, KNNShapley, LinearInfluence, ScoringInputs
     from lightning_repair.identify.knn_shapley import embeddings
     from lightning_repair.identify.ewc import loss_change
     from lightning_repair.optimize import fit_to_failures
@@ -396,12 +396,7 @@ def run(args: argparse.Namespace) -> dict:
     # The round's one no-grad pass over V at θ̂: the head's inputs, KNN-Shapley's embeddings of F_q and R_q.
     cache = record("head_inputs", "the head's inputs over V (the round's pass; KNN-Shapley's F_q, R_q embeddings)",
                    lambda: HeadCache.record(model, validation.loader(), callback.settings.adapter)[0])
-
-    def at(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = cache.features(positions)
-        return features, labels[positions].to(features.device)
-
-    recorded = RecordedInputs(cache.head, at(failures.query), at(trusted_positions))
+    recorded = cache.scorer_inputs(failures.query, trusted_positions, labels)
 
     def inputs() -> ScoringInputs:
         return ScoringInputs(model=model, train=train_loader, query=query, stop=stop, query_fit=query_fit,

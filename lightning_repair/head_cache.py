@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits, model_device
+from lightning_repair.identify.base import RecordedInputs
 
 MAX_ELEMENTS = 2**24
 """At most this many head-input numbers are kept (64 MB in float32); a larger V is predicted by forward passes."""
@@ -187,13 +188,17 @@ class HeadCache:
             return None
         return torch.cat([self.head(features).argmax(dim=1) for features in self.inputs]).cpu()
 
-    def features(self, positions: Tensor) -> Tensor | None:
-        """The head's recorded inputs (flattened, float32, on the model's device) of the examples at ``positions``;
-        None once the cache has found it cannot serve."""
+    def scorer_inputs(self, query: Tensor, trusted: Tensor, labels: Tensor) -> RecordedInputs | None:
+        """The recorded inputs (flattened, float32, on the model's device) and labels of F_q and of F_q ∪ R_q, given
+        as positions in V, for a scorer; None once the cache has found it cannot serve."""
         if not self.inputs:
             return None
         flat = torch.cat([features.flatten(1) for features in self.inputs]).float()
-        return flat[positions.to(flat.device)]
+
+        def at(positions: Tensor) -> tuple[Tensor, Tensor]:
+            return flat[positions.to(flat.device)], labels[positions].to(flat.device)
+
+        return RecordedInputs(self.head, at(query), at(trusted))
 
     def _head_moved(self) -> bool:
         return any(not torch.equal(p, value) for p, value in zip(self.head.parameters(), self.head_at_build))

@@ -28,7 +28,7 @@ from lightning_repair.distributed import SINGLE_PROCESS, Ranks
 from lightning_repair.examples import Examples
 from lightning_repair.failures import FailureSet, accuracy, hold_back, predict, split_failures
 from lightning_repair.head_cache import HeadCache, HeadInputs
-from lightning_repair.identify import KNNShapley, RecordedInputs, Scorer, ScoringInputs
+from lightning_repair.identify import KNNShapley, Scorer, ScoringInputs
 from lightning_repair.identify.base import Progress, no_progress
 from lightning_repair.params import repair_copy
 from lightning_repair.selection import check_selection, ranked, select_causes
@@ -248,8 +248,8 @@ class _Round:
         if len(failures.query) == 0:
             rank_zero_info("RepairCallback: no failures on the validation data; nothing to repair this round.")
             return self.skipped("no failures")
-        # The head's inputs over V at θ̂: the scorer's embeddings of F_q and R_q (KNN-Shapley), and every candidate that
-        # moved only the head is then predicted without a forward pass. Recorded by the validation loop, or here.
+        # The head's inputs over V at θ̂: the scorer's embeddings of F_q and R_q (KNN-Shapley), and every candidate
+        # that moved only the head is then predicted without a forward pass. Recorded by the validation loop, or here.
         self.head_cache = (HeadCache.from_inputs(self.model, head_inputs, self.adapter) if head_inputs is not None
                            else HeadCache.record(self.model, self.validation.loader(), self.adapter)[0])
         record.seconds_failures += self.clock.lap()
@@ -330,7 +330,8 @@ class _Round:
         settings, validation = self.settings, self.validation
         fit_part, stop_part = hold_back(failures.query, settings.stop_fraction, self.seed)  # EWC influence only
         trusted = torch.cat([failures.query, failures.guard]).sort().values  # never F_h or R: the rollback's
-        recorded = self.recorded_inputs(failures.query, trusted, labels)
+        cache = self.head_cache
+        recorded = cache.scorer_inputs(failures.query, trusted, labels) if cache is not None else None
 
         def score(share: Tensor) -> Tensor:
             return settings.scorer.score(ScoringInputs(
@@ -405,21 +406,6 @@ class _Round:
         """The treated copy's predictions on V: from the head cache where it serves, else predicted."""
         cached = self.cached_predictions(self.model)
         return cached if cached is not None else self.predict()[0]
-
-    def recorded_inputs(self, query: Tensor, trusted: Tensor, labels: Tensor) -> RecordedInputs | None:
-        """The head cache's inputs and the labels of F_q and of F_q ∪ R_q (validation positions), for the scorer."""
-        cache = self.head_cache
-        if cache is None:
-            return None
-
-        def at(positions: Tensor) -> tuple[Tensor, Tensor] | None:
-            features = cache.features(positions)
-            return None if features is None else (features, labels[positions].to(features.device))
-
-        query_inputs, trusted_inputs = at(query), at(trusted)
-        if query_inputs is None or trusted_inputs is None:
-            return None
-        return RecordedInputs(cache.head, query_inputs, trusted_inputs)
 
     def cached_predictions(self, model: nn.Module) -> Tensor | None:
         """``model``'s predictions on V from the head cache; None where it has none or cannot serve."""

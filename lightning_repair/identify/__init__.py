@@ -12,7 +12,7 @@ from lightning_repair.identify.knn_shapley import KNNShapley, knn_shapley_scores
 
 # The scorers and their plain functions; helpers (embeddings, loss_change, ...) stay in their modules.
 __all__ = [
-    "EWCInfluence", "GradientDot", "KNNShapley", "LinearInfluence", "RandomScores", "RecordedInputs", "Scorer", "ScoringInputs",
-    "TrainingLoss", "ewc_influence", "knn_shapley_scores", "knn_shapley_values", "linear_influence",
+    "EWCInfluence", "GradientDot", "KNNShapley", "LinearInfluence", "RandomScores", "RecordedInputs", "Scorer",
+    "ScoringInputs", "TrainingLoss", "ewc_influence", "knn_shapley_scores", "knn_shapley_values", "linear_influence",
     "training_loss",
 ]

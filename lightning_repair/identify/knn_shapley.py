@@ -409,7 +409,8 @@ def embeddings(model: nn.Module, loader: DataLoader, module: str | None = None,
     """φ(x), the flattened input of ``module`` (default: the last linear layer), and labels, for ``loader``."""
     adapter = adapter or BatchAdapter()
     captured: list[Tensor] = []
-    handle = _embedding_layer(model, module).register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
+    layer = _embedding_layer(model, module)
+    handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
     features, labels = [], []
     try:
         for index, (inputs, y) in enumerate(batches(progress(loader, "repair: embedding"), model, adapter)):
