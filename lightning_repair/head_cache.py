@@ -54,21 +54,59 @@ class HeadRecorder:
     """Records a model's head inputs batch by batch during a no-grad pass over V that someone else runs: the round's
     own (:meth:`HeadCache.record`) or Lightning's validation loop (the callback), which then costs nothing extra.
 
-    Built on the pass's first batch, before the model sees it: one extra forward of that batch finds the head (the
-    last module with parameters to run). After each batch, :meth:`batch_done` gets the logits the pass computed;
+    Built on the pass's first batch, before the model sees it. That batch's own forward finds the head (the last
+    module with parameters to finish), so the recorder adds no forward of its own and the user's module runs exactly
+    the calls it would without it. After each batch, :meth:`batch_done` gets the logits the pass computed;
     :meth:`finish` gives the inputs, or None (the reason is logged) wherever a cache could not serve.
     """
 
     def __init__(self, model: nn.Module, first_inputs: Any, adapter: BatchAdapter,
                  max_elements: int = MAX_ELEMENTS) -> None:
-        self.max_elements, self.probe, self.elements = max_elements, first_inputs, 0
+        self.model, self.max_elements, self.probe, self.elements = model, max_elements, first_inputs, 0
         self.recorded: list[Tensor] = []
         self.calls, self.batches, self.paused = 0, 0, False
         self.agrees = torch.ones((), dtype=torch.bool, device=model_device(model))
-        self.head, self.reason = _last_module_with_parameters(model, first_inputs, adapter)
-        self.name = next((name for name, m in model.named_modules() if m is self.head), None)
-        self.handle = (self.head.register_forward_pre_hook(self._keep_input, with_kwargs=True)
-                       if self.reason is None else None)
+        self.head: nn.Module | None = None
+        self.name: str | None = None
+        self.handle: Any = None
+        self.reason = "the model is in train mode" if any(m.training for m in model.modules()) else None
+        # Until the first batch is done, every module with parameters is watched: the last to finish is the head.
+        self.owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+        self.started: dict[int, Tensor | None] = {}  # inputs of the watched modules now running
+        self.finished: list[tuple[nn.Module, Tensor | None]] = []  # (module, input) of the last to finish
+        self.finish_counts: dict[int, int] = {}
+        self.discovery = [] if self.reason is not None else [
+            handle for m in self.owners
+            for handle in (m.register_forward_pre_hook(self._watch_start, with_kwargs=True),
+                           m.register_forward_hook(self._watch_finish))]
+
+    def _watch_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        single = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
+        self.started[id(module)] = args[0].detach().clone() if single else None
+
+    def _watch_finish(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.finished[:] = [(module, self.started.pop(id(module), None))]  # keeps one input, not the whole pass's
+        self.finish_counts[id(module)] = self.finish_counts.get(id(module), 0) + 1
+
+    def _found_head(self) -> None:
+        """After the first batch's forward: the head is the last watched module to finish; from now on only its
+        inputs are recorded."""
+        for handle in self.discovery:
+            handle.remove()
+        self.discovery = []
+        if not self.finished:
+            self.reason = self.reason or "no module with parameters ran"
+            return
+        head, first_input = self.finished[0]
+        shared = {id(p) for p in head.parameters()}
+        if any(id(p) in shared for m in self.owners if m is not head for p in m.parameters(recurse=False)):
+            self.reason = self.reason or "the head shares its parameters with another layer"
+            return
+        self.head, self.calls = head, self.finish_counts[id(head)]
+        self.name = next((name for name, m in self.model.named_modules() if m is head), None)
+        if first_input is not None:
+            self.recorded.append(first_input)
+        self.handle = head.register_forward_pre_hook(self._keep_input, with_kwargs=True)
 
     def _keep_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.paused:
@@ -85,6 +123,8 @@ class HeadRecorder:
     @torch.no_grad()
     def batch_done(self, logits: Tensor) -> None:
         """After the pass's forward of one batch: check that the head ran once, on one tensor, and gave ``logits``."""
+        if self.discovery:
+            self._found_head()
         if self.reason is not None:
             return
         calls, self.calls = self.calls, 0
@@ -116,7 +156,10 @@ class HeadRecorder:
         return HeadInputs(self.name, self.recorded, self.probe)
 
     def close(self) -> None:
-        """Removes the hook (a pass that ends early must call it)."""
+        """Removes the hooks (a pass that ends early must call it)."""
+        for handle in self.discovery:
+            handle.remove()
+        self.discovery = []
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
@@ -202,29 +245,6 @@ class HeadCache:
 
     def _head_moved(self) -> bool:
         return any(not torch.equal(p, value) for p, value in zip(self.head.parameters(), self.head_at_build))
-
-
-def _last_module_with_parameters(model: nn.Module, inputs: Any, adapter: BatchAdapter
-                                 ) -> tuple[nn.Module | None, str | None]:
-    """The module with parameters of its own that runs last in a forward pass of ``inputs`` (the head), or why
-    there is none."""
-    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    if any(m.training for m in model.modules()):
-        return None, "the model is in train mode"
-    order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda module, args, output: order.append(module)) for m in owners]
-    try:
-        adapter.logits(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not order:
-        return None, "no module with parameters ran"
-    head = order[-1]
-    shared = {id(p) for p in head.parameters()}
-    if any(id(p) in shared for m in owners if m is not head for p in m.parameters(recurse=False)):
-        return None, "the head shares its parameters with another layer"
-    return head, None
 
 
 def _close(a: Tensor, b: Any) -> bool | Tensor:

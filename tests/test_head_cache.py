@@ -226,6 +226,32 @@ def test_the_validation_loop_records_the_heads_inputs_only_where_they_are_the_lo
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # no hook of ours is left
 
 
+class CountedValidation(ValidationLogits):
+    """Counts the forward calls of the user's own module in eval mode (a round's passes run on copies)."""
+
+    eval_calls = 0
+
+    def forward(self, x):
+        if not self.training:
+            self.eval_calls += 1
+        return super().forward(x)
+
+
+def test_recording_the_heads_inputs_adds_no_forward_call_to_the_users_module(tmp_path):
+    def eval_calls(callbacks: list) -> int:
+        torch.manual_seed(0)
+        model = CountedValidation()
+        pl.Trainer(max_epochs=2, callbacks=callbacks, accelerator="cpu", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                   num_sanity_val_steps=0).fit(model, BlobsDataModule())
+        return model.eval_calls
+
+    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1)
+    with_rounds = eval_calls([repair])
+    assert len(repair.rounds) == 2 and all(r.skipped is None for r in repair.rounds)
+    assert with_rounds == eval_calls([]) > 0  # the validation loop's calls, nothing more
+
+
 class _HostReads(TorchDispatchMode):
     """Counts the reads of a tensor's value back to the host (``bool(t)``, ``t.item()``): each is a sync on a GPU."""
 
