@@ -48,6 +48,22 @@ def summarize_setting(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, d
     return summary
 
 
+def machine(record: dict[str, Any]) -> str | None:
+    """The device a run computed on: the GPU's name, else the CPU's (None where the record does not say)."""
+    environment = record.get("environment") or {}
+    return environment.get("cuda") or environment.get("cpu")
+
+
+def cross_machine_pairs(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[int]]:
+    """Per run, the seeds whose plain training ran on another machine (where both records say which)."""
+    plain = runs.get("plain", {})
+    across = {run: [seed for seed, record in sorted(by_seed.items())
+                    if seed in plain and None not in (machine(record), machine(plain[seed]))
+                    and machine(record) != machine(plain[seed])]
+              for run, by_seed in runs.items() if run != "plain"}
+    return {run: seeds for run, seeds in across.items() if seeds}
+
+
 def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
     """``fit.json`` (every run and the summaries), ``fit.md`` and one validation-curve plot per setting."""
     from benchmarks.fit import LABELS, RUNS
@@ -91,6 +107,12 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
                             f"{'are' if len(shared) > 1 else 'is'} the `{next(iter(shared.values()))}` "
                             f"run{'s' if len(shared) > 1 else ''} (one fit per regime and seed serves both "
                             "protocols; run twice on one machine, seed 1 gave identical fits).")
+        across = cross_machine_pairs(runs)
+        if across:
+            sections.append("Paired across machines (the run and plain training of its seed ran on different "
+                            "machines, which do not compute the same fit, so the change mixes repair with machine): "
+                            + "; ".join(f"{LABELS[run]} seed{'s' if len(seeds) > 1 else ''} "
+                                        f"{', '.join(map(str, seeds))}" for run, seeds in across.items()) + ".")
         sections.append(f"![validation accuracy per epoch](fit_{protocol}_{regime}.png)")
         rounds = _rounds_section(runs)
         if rounds:

@@ -42,6 +42,23 @@ def test_summaries_pair_each_run_with_plain_training_of_the_same_seed():
     assert math.isnan(summarize_setting(runs)["plain"]["precision"]["mean"])
 
 
+def test_pairs_whose_plain_fit_ran_on_another_machine_are_named(tmp_path):
+    from benchmarks.fit_report import cross_machine_pairs, write_fit_results
+
+    def on(device: str, record: dict) -> dict:
+        return {**record, "environment": {"cuda": None, "cpu": device}}
+
+    runs = {"plain": {0: on("gpu box", _record("plain", 0, 0.70, 10.0)),
+                      1: on("cpu box", _record("plain", 1, 0.80, 9.0))},
+            "repair": {0: on("cpu box", _record("repair", 0, 0.80, 15.0)),
+                       1: on("cpu box", _record("repair", 1, 0.80, 9.0))},
+            "oracle": {0: _record("oracle", 0, 0.90, 10.0)}}  # says nothing of its machine: not flagged
+    assert cross_machine_pairs(runs) == {"repair": [0]}
+    write_fit_results([record for by_seed in runs.values() for record in by_seed.values()], tmp_path)
+    assert "Paired across machines" in (tmp_path / "fit.md").read_text()
+    assert "RepairCallback() defaults seed 0." in (tmp_path / "fit.md").read_text()
+
+
 def test_one_oracle_run_serves_both_protocols_and_says_so(tmp_path):
     import json
 
