@@ -82,10 +82,8 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
                 "plain fit's, same seed: it compares like with like only when both ran under the same load (the "
                 "same `--jobs`, side by side); each run's machine is in `fit.json`. *Peak MB*: the GPU's peak "
                 "allocation on CUDA, the process's peak resident memory on the CPU. That CPU peak varies between "
-                "runs of one fit by more than a repair round adds: `RepairCallback(scorer=TrainingLoss(), "
-                "treatment=Finetune())` in `symmetric` `50k` seed 2, cut to 3 epochs, peaked at 1.2, 1.7 and 2.9 GB "
-                "in three runs, its round's passes adding nothing in a traced one; `speed.md` measures a round's "
-                "memory under control."]
+                "runs of one fit by more than a repair round adds (the README gives a measured case); `speed.md` "
+                "measures a round's memory under control."]
     for (protocol, regime), runs in sorted(grouped.items()):
         summary = summaries[f"{protocol}_{regime}"]
         order = [run for run in RUNS if run in summary]

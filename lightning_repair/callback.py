@@ -231,7 +231,7 @@ class RepairCallback(Callback):
         # The same pass records the head's inputs over V, which the round would otherwise record by a pass of its own.
         if self._validated is not None and batch_idx == 0 and dataloader_idx == 0 and self._head_recorder is None:
             inputs = to_device(self.settings.adapter.inputs(batch), model_device(pl_module))
-            self._head_recorder = HeadRecorder(pl_module, inputs, self.settings.adapter)
+            self._head_recorder = HeadRecorder(pl_module, inputs)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -60,8 +60,7 @@ class HeadRecorder:
     :meth:`finish` gives the inputs, or None (the reason is logged) wherever a cache could not serve.
     """
 
-    def __init__(self, model: nn.Module, first_inputs: Any, adapter: BatchAdapter,
-                 max_elements: int = MAX_ELEMENTS) -> None:
+    def __init__(self, model: nn.Module, first_inputs: Any, max_elements: int = MAX_ELEMENTS) -> None:
         self.model, self.max_elements, self.probe, self.elements = model, max_elements, first_inputs, 0
         self.recorded: list[Tensor] = []
         self.calls, self.batches, self.paused = 0, 0, False
@@ -73,7 +72,7 @@ class HeadRecorder:
         # Until the first batch is done, every module with parameters is watched: the last to finish is the head.
         self.owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
         self.started: dict[int, Tensor | None] = {}  # inputs of the watched modules now running
-        self.finished: list[tuple[nn.Module, Tensor | None]] = []  # (module, input) of the last to finish
+        self.last_finished: tuple[nn.Module, Tensor | None] | None = None  # keeps one input, not the whole pass's
         self.finish_counts: dict[int, int] = {}
         self.discovery = [] if self.reason is not None else [
             handle for m in self.owners
@@ -85,7 +84,7 @@ class HeadRecorder:
         self.started[id(module)] = args[0].detach().clone() if single else None
 
     def _watch_finish(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.finished[:] = [(module, self.started.pop(id(module), None))]  # keeps one input, not the whole pass's
+        self.last_finished = module, self.started.pop(id(module), None)
         self.finish_counts[id(module)] = self.finish_counts.get(id(module), 0) + 1
 
     def _found_head(self) -> None:
@@ -94,10 +93,10 @@ class HeadRecorder:
         for handle in self.discovery:
             handle.remove()
         self.discovery = []
-        if not self.finished:
+        if self.last_finished is None:
             self.reason = self.reason or "no module with parameters ran"
             return
-        head, first_input = self.finished[0]
+        head, first_input = self.last_finished
         shared = {id(p) for p in head.parameters()}
         if any(id(p) in shared for m in self.owners if m is not head for p in m.parameters(recurse=False)):
             self.reason = self.reason or "the head shares its parameters with another layer"
@@ -190,7 +189,7 @@ class HeadCache:
         predictions = []
         try:
             for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
-                recorder = recorder or HeadRecorder(model, inputs, adapter, max_elements)
+                recorder = recorder or HeadRecorder(model, inputs, max_elements)
                 logits = checked_logits(model, inputs, labels, adapter, check_values=index == 0)
                 predictions.append(logits.argmax(dim=1))
                 recorder.batch_done(logits)
