@@ -67,12 +67,13 @@ REGIMES = {"3k-mem": FitRegime("3k-mem", 3000, 150), "50k": FitRegime("50k", Non
 PROTOCOLS = ("pairs", "symmetric")
 
 
-def _repair(scorer: str | None = None, treatment: str | None = None) -> Callable[[], list]:
-    """The callback with a scorer and treatment named as in ``lightning_repair`` (None: its default)."""
+def _repair(scorer: str | None = None, treatment: str | None = None, **settings: Any) -> Callable[[], list]:
+    """The callback with a scorer and treatment named as in ``lightning_repair`` (None: its default) and other
+    settings as given."""
     def callbacks() -> list:
         from lightning_repair import RepairCallback, identify, treat
 
-        arguments = {}
+        arguments = dict(settings)
         if scorer is not None:
             arguments["scorer"] = getattr(identify, scorer)()
         if treatment is not None:
@@ -89,6 +90,8 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_energy_alignment": _repair(treatment="EnergyAlignment"),
     "repair_best_of": _repair(treatment="BestOf"),
     "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
+    "repair_removal_not_worse": _repair(removal="not_worse"),
+    "repair_margin_1": _repair(acceptance_margin=1.0),
 }
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
@@ -99,6 +102,8 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_energy_alignment": "RepairCallback(treatment=EnergyAlignment())",
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",
+          "repair_removal_not_worse": "RepairCallback(removal=\"not_worse\")",
+          "repair_margin_1": "RepairCallback(acceptance_margin=1)",
           "cleanlab": f"cleanlab ({CLEANLAB_FOLDS}-fold) + retrain", "small_loss": "small-loss selection (true τ)"}
 
 

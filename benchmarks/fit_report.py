@@ -133,7 +133,7 @@ def _rounds_section(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
             rounds = record.get("rounds")
             if not rounds:
                 continue
-            kept = [r for r in rounds if r.get("accepted")]
+            kept = [r for r in rounds if r.get("accepted") or r.get("removed")]
             rows.append([LABELS[run], str(seed), str(len(rounds)), str(len(kept)),
                          ", ".join(str(r["epoch"]) for r in kept) or "—",
                          str(sum(r.get("removed") or 0 for r in rounds)),
