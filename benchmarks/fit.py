@@ -90,7 +90,6 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_energy_alignment": _repair(treatment="EnergyAlignment"),
     "repair_best_of": _repair(treatment="BestOf"),
     "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
-    "repair_removal_not_worse": _repair(removal="not_worse"),
     "repair_margin_1": _repair(acceptance_margin=1.0),
 }
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
@@ -102,7 +101,6 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_energy_alignment": "RepairCallback(treatment=EnergyAlignment())",
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",
-          "repair_removal_not_worse": "RepairCallback(removal=\"not_worse\")",
           "repair_margin_1": "RepairCallback(acceptance_margin=1)",
           "cleanlab": f"cleanlab ({CLEANLAB_FOLDS}-fold) + retrain", "small_loss": "small-loss selection (true τ)"}
 

@@ -92,7 +92,8 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
             figures = summary[run]
             rows.append([LABELS[run], cell(figures["test"]), points(figures["change_from_plain"])
                          if run != "plain" else "—",
-                         f"{figures['better_than_plain']} of {figures['paired']}" if run != "plain" else "—",
+                         f"{figures['better_than_plain']} of {figures['paired']}"
+                         if run != "plain" and figures["paired"] else "—",
                          cell(figures["gap_closed"], 2) if run not in REFERENCE_RUNS else "—",
                          cell(figures["precision"], 2), cell(figures["recall"], 2), cell(figures["removed"], 0),
                          cell(figures["time_over_plain"], 2), cell(figures["peak_memory_mb"], 0)])
@@ -133,7 +134,7 @@ def _rounds_section(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
             rounds = record.get("rounds")
             if not rounds:
                 continue
-            kept = [r for r in rounds if r.get("accepted") or r.get("removed")]
+            kept = [r for r in rounds if r.get("accepted")]
             rows.append([LABELS[run], str(seed), str(len(rounds)), str(len(kept)),
                          ", ".join(str(r["epoch"]) for r in kept) or "—",
                          str(sum(r.get("removed") or 0 for r in rounds)),

@@ -28,7 +28,7 @@ from lightning_repair.identify import Scorer
 from lightning_repair.loss_check import check_cross_entropy
 from lightning_repair.params import copy_parameters_
 from lightning_repair.report import format_table, round_metrics, write_round_files
-from lightning_repair.round import RemovalRule, RepairRound, RoundRecord
+from lightning_repair.round import RepairRound, RoundRecord
 from lightning_repair.treat import Treatment
 
 _DEFAULTS = RepairRound  # each setting's default is written once, on the round
@@ -81,9 +81,6 @@ class RepairCallback(Callback):
         max_remaining_drop: an optional extra cap: also reject repairs that lower accuracy on R (R_q for the
             treatments' candidates) by more than this. None (default) sets no cap; θ̂ scores 1.0 on R by
             construction, so a tight cap rejects every repair that trades a few right answers for many fixes.
-        removal: when C leaves the training set: ``"accepted"`` (default) only with an accepted repair;
-            ``"not_worse"`` also when the treated weights roll back but did not lower estimated validation accuracy
-            (gain ≥ 0 on F_h and R), so a round whose treatment barely moves the model still stops training on C.
         report: also write, per round, PNG figures (top suspects with given → predicted labels, score histogram,
             accuracy before/after, and the detection curve when the data module has ``flipped_indices``) and a
             Markdown page beside the CSV; the suspects grid also goes to loggers that take images (TensorBoard).
@@ -120,7 +117,6 @@ class RepairCallback(Callback):
         rollback: bool = _DEFAULTS.rollback,
         acceptance_margin: float = _DEFAULTS.acceptance_margin,
         max_remaining_drop: float | None = None,
-        removal: RemovalRule = _DEFAULTS.removal,
         report: bool = False,
         report_images: int = 32,
         seed: int = 0,
@@ -134,7 +130,7 @@ class RepairCallback(Callback):
             fisher=fisher, fisher_samples=fisher_samples, backend=None if curvature == "auto" else curvature,
             query_fraction=query_fraction, max_failures=max_failures, stop_fraction=stop_fraction, params=params,
             batch_size=batch_size, suspects_to_report=suspects_to_report, rollback=rollback,
-            acceptance_margin=acceptance_margin, max_remaining_drop=max_remaining_drop, removal=removal)
+            acceptance_margin=acceptance_margin, max_remaining_drop=max_remaining_drop)
         self.curvature, self.every_n_epochs, self.start_epoch = curvature, every_n_epochs, start_epoch
         self.report, self.report_images, self.seed = report, report_images, seed
         self.rounds: list[RoundRecord] = []
@@ -280,7 +276,7 @@ class RepairCallback(Callback):
         self.settings.backend = outcome.backend or self.settings.backend  # chosen once per fit
         if outcome.record.accepted:
             copy_parameters_(pl_module, outcome.model)
-        self._removed.update(outcome.removed.tolist())
+            self._removed.update(outcome.causes.tolist())
         self.rounds.append(outcome.record)
         directory = self.log_dir(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if trainer.is_global_zero:

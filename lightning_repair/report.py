@@ -63,12 +63,10 @@ def write_suspects(path: Path, order: Tensor, scores: Tensor, given: Tensor, pre
 
 
 def outcome(record: RoundRecord) -> str:
-    """"kept", "rolled back", "rolled back, C removed" or "skipped: <why>" for a round record."""
+    """"kept", "rolled back" or "skipped: <why>" for a round record."""
     if record.get("skipped"):
         return f"skipped: {record['skipped']}"
-    if record.get("accepted"):
-        return "kept"
-    return "rolled back, C removed" if record.get("removed") else "rolled back"
+    return "kept" if record.get("accepted") else "rolled back"
 
 
 def format_table(rounds: Sequence[RoundRecord]) -> str:

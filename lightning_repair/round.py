@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -35,8 +35,6 @@ from lightning_repair.selection import check_selection, ranked, select_causes
 from lightning_repair.treat import EWCUnlearning, Treatment, TreatmentInputs
 
 DEFAULT_TOP_FRACTION = 0.01
-REMOVAL_RULES = ("accepted", "not_worse")
-RemovalRule = Literal["accepted", "not_worse"]
 
 
 @dataclass
@@ -136,9 +134,8 @@ class RoundOutcome:
 
     @property
     def removed(self) -> Tensor:
-        """C when the round keeps its removal (an accepted round; with ``removal="not_worse"`` also a rolled-back
-        one that did not lower estimated validation accuracy), else nothing."""
-        return self.causes if self.record.removed else self.causes[:0]
+        """C when the round was accepted, else nothing."""
+        return self.causes if self.record.accepted else self.causes[:0]
 
 
 @dataclass(kw_only=True)
@@ -167,7 +164,6 @@ class RepairRound:
     rollback: bool = True
     acceptance_margin: float = DEFAULT_MARGIN
     max_remaining_drop: float | None = None
-    removal: RemovalRule = "accepted"
 
     def __post_init__(self) -> None:
         check_selection(**{"top_k": None, "top_fraction": None, "threshold": None, **self.selection})
@@ -188,8 +184,6 @@ class RepairRound:
             raise ValueError(f"max_remaining_drop must be in [0, 1] or None, got {self.max_remaining_drop}.")
         if self.acceptance_margin < 0:
             raise ValueError(f"acceptance_margin must be ≥ 0 standard errors, got {self.acceptance_margin}.")
-        if self.removal not in REMOVAL_RULES:
-            raise ValueError(f"removal must be one of {REMOVAL_RULES}, got {self.removal!r}.")
         if self.rollback and self.query_fraction == 1.0:
             raise ValueError("query_fraction=1.0 leaves no held-out failures F_h, and without them no repair can be "
                              "shown to raise validation accuracy, so every round would roll back. Use "
@@ -283,7 +277,7 @@ class _Round:
         record.seconds_treatment = self.clock.lap()
         self.accept(failures, predictions, labels, bool(len(causes)))
         record.causes = len(causes)
-        record.removed = len(causes) if self.keeps_removal() else 0
+        record.removed = len(causes) if record.accepted else 0
         record.removed_total += record.removed
         record.precision = precision(causes, flipped) if flipped is not None else None
         record.seconds_total = self.clock.total()
@@ -392,13 +386,6 @@ class _Round:
         record.accepted = treated and record.rollback is None
         if record.rollback is not None:
             rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.")
-
-    def keeps_removal(self) -> bool:
-        """Whether C leaves training: with an accepted repair; under ``removal="not_worse"`` also when the treated
-        model, though not better beyond noise, did not lower estimated validation accuracy (its weights roll back)."""
-        record = self.record
-        return record.accepted or (self.settings.removal == "not_worse" and record.causes > 0
-                                   and record.gain is not None and record.gain >= 0)
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
 
