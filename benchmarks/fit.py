@@ -91,6 +91,8 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_best_of": _repair(treatment="BestOf"),
     "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
     "repair_margin_1": _repair(acceptance_margin=1.0),
+    "repair_start_15": _repair(start_epoch=15),
+    "repair_start_31": _repair(start_epoch=31),
 }
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
@@ -102,6 +104,8 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",
           "repair_margin_1": "RepairCallback(acceptance_margin=1)",
+          "repair_start_15": "RepairCallback(start_epoch=15)",
+          "repair_start_31": "RepairCallback(start_epoch=31)",
           "cleanlab": f"cleanlab ({CLEANLAB_FOLDS}-fold) + retrain", "small_loss": "small-loss selection (true τ)"}
 
 
