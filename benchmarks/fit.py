@@ -91,6 +91,7 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_best_of": _repair(treatment="BestOf"),
     "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
     "repair_margin_1": _repair(acceptance_margin=1.0),
+    "repair_start_1": _repair(start_epoch=1),  # the default before it became a tenth of the fit
     "repair_start_15": _repair(start_epoch=15),
     "repair_start_31": _repair(start_epoch=31),
 }
@@ -104,6 +105,7 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",
           "repair_margin_1": "RepairCallback(acceptance_margin=1)",
+          "repair_start_1": "RepairCallback(start_epoch=1), the earlier default",
           "repair_start_15": "RepairCallback(start_epoch=15)",
           "repair_start_31": "RepairCallback(start_epoch=31)",
           "cleanlab": f"cleanlab ({CLEANLAB_FOLDS}-fold) + retrain", "small_loss": "small-loss selection (true τ)"}
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)  # noqa
     if not arguments.collect:
         run_all(settings, arguments.runs, arguments.jobs, arguments.threads, log, arguments.cache)
-    records = collect(settings, list(RUNS), arguments.cache)
+    records = collect(settings, arguments.runs if arguments.quick else list(RUNS), arguments.cache)
     if not records:
         log("no finished runs to report")
         return

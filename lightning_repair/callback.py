@@ -49,10 +49,14 @@ class RepairCallback(Callback):
             setting of the benchmark (the paper's EWC influence ranks flips near chance with class-pair noise).
         treatment: treatment method; default :class:`~lightning_repair.treat.EWCUnlearning`.
         every_n_epochs: repair after every this many epochs; None (default): after ever longer gaps, each twice the
-            one before, so rounds follow (start_epoch + 1) · 2^k epochs: 2, 4, 8, 16, … epochs with the default
-            start — 2 rounds in a 5-epoch fit, 7 in a 150-epoch one. A round that falls on an epoch without
-            validation runs at the next validation.
+            one before, so rounds follow (start_epoch + 1) · 2^k epochs: 2, 4, 8, 16, … epochs from epoch 1 —
+            2 rounds in a 5-epoch fit, 3 in a 10-epoch one. A round that falls on an epoch without validation runs
+            at the next validation.
         start_epoch: the first epoch (0-based, as ``trainer.current_epoch``) after whose validation to repair.
+            None (default): a tenth of ``trainer.max_epochs``, at least 1 (:func:`default_start_epoch`), so a
+            150-epoch fit repairs after epochs 16, 32, 64 and 128 (1-based) and a 10-epoch one after 2, 4 and 8.
+            The scorer finds wrong labels only once the model has learnt the clean ones; a large cause set taken
+            out of training earlier is half clean examples, and the fit trains without them from then on.
         top_k: remove the k highest-scored examples per round.
         top_fraction: remove this fraction of the training set per round.
         threshold: remove every example scoring above this (the paper's rule: 0).
@@ -100,7 +104,7 @@ class RepairCallback(Callback):
         scorer: Scorer | None = None,
         treatment: Treatment | None = None,
         every_n_epochs: int | None = None,
-        start_epoch: int = 1,
+        start_epoch: int | None = None,
         top_k: int | None = None,
         top_fraction: float | None = None,
         threshold: float | None = None,
@@ -121,7 +125,7 @@ class RepairCallback(Callback):
         report_images: int = 32,
         seed: int = 0,
     ) -> None:
-        if (every_n_epochs is not None and every_n_epochs < 1) or start_epoch < 0:
+        if (every_n_epochs is not None and every_n_epochs < 1) or (start_epoch is not None and start_epoch < 0):
             raise ValueError(f"every_n_epochs must be ≥ 1 and start_epoch ≥ 0, got {every_n_epochs}, {start_epoch}.")
         given = {"scorer": scorer, "treatment": treatment, "adapter": adapter}
         self.settings = RepairRound(
@@ -209,7 +213,7 @@ class RepairCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stopped_early = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
-        owed_since = self._owed_since(trainer.current_epoch)
+        owed_since = self._owed_since(trainer)
         validation_gap = trainer.check_val_every_n_epoch or 1
         if owed_since is not None and trainer.current_epoch - owed_since + 1 >= validation_gap and not stopped_early:
             raise RuntimeError(
@@ -301,12 +305,28 @@ class RepairCallback(Callback):
     def _round_due(self, trainer: pl.Trainer) -> bool:
         """Whether this validation, during fit, ends with a round."""
         fitting = not trainer.sanity_checking and trainer.state.fn == "fit"
-        return fitting and self._owed_since(trainer.current_epoch) is not None
+        return fitting and self._owed_since(trainer) is not None
 
-    def _owed_since(self, epoch: int) -> int | None:
-        """The earliest scheduled epoch ≤ ``epoch`` after the last round's, or None when no round is owed."""
+    def first_epoch(self, trainer: pl.Trainer) -> int:
+        """The epoch (0-based) after whose validation the first round runs: ``start_epoch``, or its default for
+        this fit's ``max_epochs``."""
+        return self.start_epoch if self.start_epoch is not None else default_start_epoch(trainer.max_epochs)
+
+    def _owed_since(self, trainer: pl.Trainer) -> int | None:
+        """The earliest scheduled epoch ≤ the current one after the last round's, or None when no round is owed."""
         last = max((record.epoch for record in self.rounds if record.epoch is not None), default=-1)
-        return next((e for e in scheduled_epochs(self.start_epoch, self.every_n_epochs, epoch) if e > last), None)
+        schedule = scheduled_epochs(self.first_epoch(trainer), self.every_n_epochs, trainer.current_epoch)
+        return next((e for e in schedule if e > last), None)
+
+
+def default_start_epoch(max_epochs: int | None) -> int:
+    """The first round's epoch (0-based) when ``start_epoch`` is not given: a tenth of the fit, at least epoch 1.
+
+    Measured end to end (README, *End to end*): in a 150-epoch fit of 3,000 images, the cause sets of rounds
+    after epochs 2–8 had precision about 0.5 and, once accepted, cost the rest of the fit their clean half;
+    from epoch 16 on they had 0.65–0.8. A fit without a known length (``max_epochs`` None or -1) starts at 1.
+    """
+    return max(1, max_epochs // 10) if max_epochs is not None and max_epochs > 0 else 1
 
 
 def scheduled_epochs(start_epoch: int, every_n_epochs: int | None, up_to: int) -> list[int]:

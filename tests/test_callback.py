@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from helpers import BlobsDataModule, TinyClassifier, write_fake_fashion_mnist
 from lightning_repair import RepairCallback
-from lightning_repair.callback import scheduled_epochs
+from lightning_repair.callback import default_start_epoch, scheduled_epochs
 from lightning_repair.identify import (EWCInfluence, GradientDot, KNNShapley, LinearInfluence, RandomScores,
                                        TrainingLoss)
 from lightning_repair.treat import EnergyAlignment, EWCUnlearning, Finetune, NewtonRemoval
@@ -93,7 +93,8 @@ def test_round_records_and_logged_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("start, every, up_to, expected", [
-    (1, None, 149, [1, 3, 7, 15, 31, 63, 127]),  # the default: gaps double, 7 rounds in 150 epochs
+    (1, None, 149, [1, 3, 7, 15, 31, 63, 127]),  # gaps double: 7 rounds in 150 epochs from epoch 1
+    (15, None, 149, [15, 31, 63, 127]),  # the default start of a 150-epoch fit
     (1, None, 4, [1, 3]),
     (0, None, 9, [0, 1, 3, 7]),
     (2, None, 20, [2, 5, 11]),
@@ -102,6 +103,23 @@ def test_round_records_and_logged_metrics(tmp_path):
 ])
 def test_scheduled_epochs(start, every, up_to, expected):
     assert scheduled_epochs(start, every, up_to) == expected
+
+
+@pytest.mark.parametrize("max_epochs, start", [
+    (150, 15),  # 3k-mem: rounds after epochs 15, 31, 63 and 127
+    (10, 1),    # 50k: as with start_epoch=1
+    (5, 1), (30, 3),
+    (None, 1),  # a fit bounded by max_steps alone
+    (-1, 1),    # an endless fit
+])
+def test_the_default_start_is_a_tenth_of_the_fit(max_epochs, start):
+    assert default_start_epoch(max_epochs) == start
+
+
+def test_the_default_start_follows_the_trainers_max_epochs(tmp_path):
+    repair = RepairCallback(top_k=5, fisher_samples=32, rollback=False)
+    fit(tmp_path, repair, max_epochs=20)
+    assert [r["epoch"] for r in repair.rounds] == [2, 5, 11]
 
 
 def test_default_schedule_doubles_the_gaps_in_a_fit(tmp_path):
