@@ -94,6 +94,7 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_start_1": _repair(start_epoch=1),  # the default before it became a tenth of the fit
     "repair_start_15": _repair(start_epoch=15),
     "repair_start_31": _repair(start_epoch=31),
+    "repair_start_15_finetune": _repair(treatment="Finetune", start_epoch=15),
 }
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
@@ -108,6 +109,7 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_start_1": "RepairCallback(start_epoch=1), the earlier default",
           "repair_start_15": "RepairCallback(start_epoch=15)",
           "repair_start_31": "RepairCallback(start_epoch=31)",
+          "repair_start_15_finetune": "RepairCallback(start_epoch=15, treatment=Finetune())",
           "cleanlab": f"cleanlab ({CLEANLAB_FOLDS}-fold) + retrain", "small_loss": "small-loss selection (true τ)"}
 
 
