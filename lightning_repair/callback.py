@@ -47,7 +47,9 @@ class RepairCallback(Callback):
     Args:
         scorer: identification method; default ``KNNShapley(utility="trusted")``, the best-ranking scorer in every
             setting of the benchmark (the paper's EWC influence ranks flips near chance with class-pair noise).
-        treatment: treatment method; default :class:`~lightning_repair.treat.EWCUnlearning`.
+        treatment: treatment method; default :class:`~lightning_repair.treat.Finetune`, fine-tuning on D \\ C: in
+            long fits the only treatment that moved a model learning its flipped labels (EWC deletion, the paper's,
+            kept θ̂ there, so the rule could not keep its cause sets), and level with EWC deletion in short ones.
         every_n_epochs: repair after every this many epochs; None (default): after ever longer gaps, each twice the
             one before, so rounds follow (start_epoch + 1) · 2^k epochs: 2, 4, 8, 16, … epochs from epoch 1 —
             2 rounds in a 5-epoch fit, 3 in a 10-epoch one. A round that falls on an epoch without validation runs

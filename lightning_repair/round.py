@@ -32,7 +32,7 @@ from lightning_repair.identify import KNNShapley, Scorer, ScoringInputs
 from lightning_repair.identify.base import Progress, no_progress
 from lightning_repair.params import repair_copy
 from lightning_repair.selection import check_selection, ranked, select_causes
-from lightning_repair.treat import EWCUnlearning, Treatment, TreatmentInputs
+from lightning_repair.treat import Finetune, Treatment, TreatmentInputs
 
 DEFAULT_TOP_FRACTION = 0.01
 
@@ -149,7 +149,7 @@ class RepairRound:
     """
 
     scorer: Scorer = field(default_factory=lambda: KNNShapley(utility="trusted"))
-    treatment: Treatment = field(default_factory=EWCUnlearning)
+    treatment: Treatment = field(default_factory=Finetune)
     selection: dict[str, Any] = field(default_factory=dict)
     fisher: FisherKind = "mc"
     fisher_samples: int = 1000

@@ -29,7 +29,7 @@ METHODS = {
     "treat/newton_removal.yaml": ("treatment", "lightning_repair.treat.NewtonRemoval"),
     "treat/energy_alignment.yaml": ("treatment", "lightning_repair.treat.EnergyAlignment"),
 }
-MAIN_METHODS = {"scorer": "lightning_repair.identify.KNNShapley", "treatment": "lightning_repair.treat.EWCUnlearning"}
+MAIN_METHODS = {"scorer": "lightning_repair.identify.KNNShapley", "treatment": "lightning_repair.treat.Finetune"}
 
 
 @pytest.fixture(autouse=True)
