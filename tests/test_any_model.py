@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from helpers import TinyClassifier
 from lightning_repair import RepairCallback
+from lightning_repair.treat import EWCUnlearning
 
 
 
@@ -86,14 +87,13 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_a_model_as_written_repairs_with_the_defaults(name, tmp_path):
+def _one_round(name: str, tmp_path, **settings):
     build, shape, n_train = MODELS[name]
     torch.manual_seed(0)
     model = Classifier(build())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, validation = Patterns(n_train, shape), Patterns(100, shape, flip=0.0, seed=1)
-    repair = RepairCallback(start_epoch=0)
+    repair = RepairCallback(start_epoch=0, **settings)
     trainer = pl.Trainer(max_epochs=1, callbacks=[repair], accelerator="cpu", logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=tmp_path)
@@ -102,13 +102,25 @@ def test_a_model_as_written_repairs_with_the_defaults(name, tmp_path):
     [record] = repair.rounds
     assert record["failures"] > 0 and record.get("skipped") is None
     assert record["candidates_rated"] >= 1  # the treatment ran to the end and its candidates were judged
-    # In-place additions on hooked outputs, x.view between modules, LayerNorm and attention all stop BackPACK's
-    # Fisher (each fails with curvature="backpack"); the callback falls back to torch.func.
-    assert record["curvature"] == "torch_func"
     # The user's module keeps its own in-place flags.
     if name == "resnet18":
         assert model.net.relu.inplace is True
     assert before.keys() == model.state_dict().keys()
+    return record
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_model_as_written_repairs_with_the_defaults(name, tmp_path):
+    record = _one_round(name, tmp_path)
+    assert record["curvature"] is None  # KNN-Shapley and fine-tuning need no per-example gradients or Fisher
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_model_as_written_gets_its_fisher_from_torch_func(name, tmp_path):
+    # In-place additions on hooked outputs, x.view between modules, LayerNorm and attention all stop BackPACK's
+    # Fisher (each fails with curvature="backpack"); the callback falls back to torch.func.
+    record = _one_round(name, tmp_path, treatment=EWCUnlearning())
+    assert record["curvature"] == "torch_func"
 
 
 def _methods():

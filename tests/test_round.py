@@ -17,6 +17,7 @@ from lightning_repair.failures import predict
 from lightning_repair.identify import TrainingLoss
 from lightning_repair import round as round_module
 from lightning_repair.round import RepairRound, RoundRecord
+from lightning_repair.treat import EWCUnlearning
 
 
 def _trained_blobs(epochs: int = 3) -> tuple[TinyClassifier, BlobsDataModule]:
@@ -141,14 +142,15 @@ def test_the_validation_loops_logits_spare_a_pass_and_change_nothing(tmp_path, m
     monkeypatch.setattr(round_module._Round, "predict", lambda self: calls.append(1) or predict_validation(self))
     monkeypatch.setattr(round_module.HeadCache, "record", classmethod(
         lambda cls, *args, **kwargs: records.append(1) or record(*args, **kwargs)))
-    repair = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, rollback=False)
+    # EWC deletion moves the last layer only, so its candidates are judged from the recorded head inputs.
+    repair = RepairCallback(treatment=EWCUnlearning(), top_k=10, start_epoch=0, every_n_epochs=1, rollback=False)
     torch.manual_seed(0)
     pl.Trainer(max_epochs=2, callbacks=[repair], accelerator="cpu", logger=False, enable_progress_bar=False,
                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(module(), data())
     assert len(calls) == len(records) == 2 * passes and len(repair.rounds) == 2
     assert all(r.candidates_rated for r in repair.rounds)  # candidates judged: from the recorded inputs
 
-    reference = RepairCallback(top_k=10, start_epoch=0, every_n_epochs=1, rollback=False)
+    reference = RepairCallback(treatment=EWCUnlearning(), top_k=10, start_epoch=0, every_n_epochs=1, rollback=False)
     torch.manual_seed(0)
     pl.Trainer(max_epochs=2, callbacks=[reference], accelerator="cpu", logger=False, enable_progress_bar=False,
                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(
