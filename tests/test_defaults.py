@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_repair import RepairCallback
+from lightning_repair.treat import EWCUnlearning
 
 
 class OverlappingBlobs(pl.LightningDataModule):
@@ -119,13 +120,17 @@ def test_defaults_repair_an_mlp_on_overlapping_noisy_blobs():
     assert _kept_precision(repair, data) > flip_rate, (_kept_precision(repair, data), flip_rate)
 
 
-@pytest.mark.parametrize("params", [None, ["head"]], ids=["whole network (torch.func)", "head (BackPACK)"])
-def test_defaults_repair_a_residual_batchnorm_network_with_dict_batches(params):
+@pytest.mark.parametrize("settings, curvature", [
+    ({}, None),  # KNN-Shapley and fine-tuning need no Fisher
+    ({"treatment": EWCUnlearning()}, "torch_func"),
+    ({"treatment": EWCUnlearning(), "params": ["head"]}, "backpack"),
+], ids=["defaults", "EWC deletion, whole network (torch.func)", "EWC deletion, head (BackPACK)"])
+def test_defaults_repair_a_residual_batchnorm_network_with_dict_batches(settings, curvature):
     data = OverlappingBlobs(dict_batches=True)
-    repair = RepairCallback(params=params)
+    repair = RepairCallback(**settings)
     _fit(ResidualBatchNormNet, data, repair)
     # BackPACK's Fisher cannot pass the functional residual additions, but follows the head alone.
-    assert {r["curvature"] for r in repair.rounds} == {"torch_func" if params is None else "backpack"}
+    assert {r["curvature"] for r in repair.rounds} == {curvature}
     kept = [r for r in repair.rounds if r["accepted"]]
     assert kept, [(r.get("rollback"), r.get("gain")) for r in repair.rounds]
     flip_rate = len(data.flipped_indices) / len(data.train_dataset)
