@@ -4,8 +4,9 @@
     python examples/repair_once.py --epochs 1 --train-subset 2000   # a quick look
 
 The model is the paper's CNN as a plain ``nn.Sequential``, trained with Adam in an ordinary loop. One round then
-finds the validation failures, scores the training set (KNN-Shapley, trusted utility), unlearns the causes (EWC
-deletion) and judges the result on held-out validation examples that no method read. The repair is applied only
+finds the validation failures, scores the training set (KNN-Shapley, trusted utility), treats the model without
+the causes (fine-tuning on the rest, the default) and judges the result on held-out validation examples that no
+method read. The repair is applied only
 when that judgement accepts it. Prints the round, the test accuracy before and after, and how many of the
 examples it blamed really had a flipped label.
 """
