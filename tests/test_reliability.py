@@ -258,12 +258,15 @@ class WithUnsupported(TinyClassifier):
         self.net = nn.Sequential(nn.Linear(8, 16), Unsupported(), nn.ReLU(), nn.Linear(16, 3))
 
 
-def test_unsupported_layer_points_to_params_with_backpack_and_repairs_by_default():
+def test_unsupported_layer_points_to_params_with_backpack_and_falls_back_to_torch_func():
+    # EWC deletion needs the Fisher (the default treatment does not).
     with pytest.raises(ValueError, match=r"BackPACK does not support \['net.1'\].*params="):
-        run(RepairCallback(start_epoch=0, curvature="backpack"), model=WithUnsupported(), max_epochs=1)
+        run(RepairCallback(treatment=EWCUnlearning(), start_epoch=0, curvature="backpack"), model=WithUnsupported(),
+            max_epochs=1)
     # Restricted to the head, BackPACK follows the same model; unrestricted, torch.func does.
-    for repair in (RepairCallback(start_epoch=0, params=["net.3"], rollback=False, top_k=5, curvature="backpack"),
-                   RepairCallback(start_epoch=0, rollback=False, top_k=5)):
+    for repair in (RepairCallback(treatment=EWCUnlearning(), start_epoch=0, params=["net.3"], rollback=False, top_k=5,
+                                  curvature="backpack"),
+                   RepairCallback(treatment=EWCUnlearning(), start_epoch=0, rollback=False, top_k=5)):
         run(repair, model=WithUnsupported(), max_epochs=1)
         assert repair.rounds[0]["removed"] == 5
     assert repair.rounds[0]["curvature"] == "torch_func"
