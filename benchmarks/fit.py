@@ -87,6 +87,7 @@ def _repair(scorer: str | None = None, treatment: str | None = None, **settings:
 # default changes).
 REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair": _repair(),
+    "repair_no_control": _repair(control=False),  # the defaults before the control fine-tune
     "repair_ewc": _repair(treatment="EWCUnlearning"),
     "repair_ewc_start_1": _repair(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
     "repair_newton": _repair(treatment="NewtonRemoval"),
@@ -101,6 +102,7 @@ SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed s
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
 RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPAIR_RUNS if r != "repair"])
 LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair": "RepairCallback() defaults",
+          "repair_no_control": "RepairCallback(control=False), the defaults before the control",
           "repair_ewc": "RepairCallback(treatment=EWCUnlearning())",
           "repair_ewc_start_1": "RepairCallback(treatment=EWCUnlearning(), start_epoch=1), the earlier defaults",
           "repair_newton": "RepairCallback(treatment=NewtonRemoval())",
@@ -319,7 +321,7 @@ def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
 
 def _round_summary(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("round", "epoch", "failures", "causes", "removed", "accepted", "gain", "gain_standard_error",
-            "precision", "seconds_total", "skipped")
+            "control_gain", "control_gain_standard_error", "rollback", "precision", "seconds_total", "skipped")
     return {key: record.get(key) for key in keys}
 
 

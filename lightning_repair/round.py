@@ -44,7 +44,8 @@ class RoundRecord(Mapping):
     Accuracies are on F_q (read by the methods), F_h and R (read by no method: the acceptance rule's evidence),
     before (θ̂) and after the treatment; ``gain`` is the estimated change of validation accuracy on F_h and R, with
     its paired standard error. ``skipped`` says why a round stopped early; ``rollback`` why a treated one was not
-    kept. ``seconds_*`` time the phases.
+    kept. ``control_*``: the same treatment run with nothing removed (the control, for treatments that train on
+    D \\ C), and the repair's gain over it on F_h and R. ``seconds_*`` time the phases.
     """
 
     round: int
@@ -67,6 +68,9 @@ class RoundRecord(Mapping):
     causes: int = 0
     candidate: str | None = None
     candidates_rated: int | None = None
+    control_candidate: str | None = None
+    control_gain: float | None = None
+    control_gain_standard_error: float | None = None
     failure_share: float | None = None
     gain: float | None = None
     gain_standard_error: float | None = None
@@ -164,6 +168,7 @@ class RepairRound:
     rollback: bool = True
     acceptance_margin: float = DEFAULT_MARGIN
     max_remaining_drop: float | None = None
+    control: bool = True
 
     def __post_init__(self) -> None:
         check_selection(**{"top_k": None, "top_fraction": None, "threshold": None, **self.selection})
@@ -237,6 +242,7 @@ class _Round:
                                   removed_total=len(removed))
         self.backend = settings.backend
         self.head_cache: HeadCache | None = None
+        self.control: nn.Module | None = None  # the treatment's choice with nothing removed, when it moved
         self.clock = _Clock()
 
     def run(self, epoch: int | None, global_step: int | None, flipped: Tensor | None,
@@ -285,10 +291,13 @@ class _Round:
 
     # ---- the phases, in order -----------------------------------------------------------------------------
 
-    def predict(self) -> tuple[Tensor, Tensor]:
-        """Predictions and labels of all of V; under DDP each rank predicts a share."""
+    def predict(self, model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Predictions of ``model`` (default the repair copy) and labels of all of V; under DDP each rank predicts a
+        share."""
+        model = model if model is not None else self.model
+
         def share_predictions(share: Tensor) -> Tensor:
-            return torch.stack(predict(self.model, self.validation.subset(share).loader(), self.adapter), dim=1)
+            return torch.stack(predict(model, self.validation.subset(share).loader(), self.adapter), dim=1)
 
         both = self.ranks.gather(self.validation.positions, share_predictions)
         return both[:, 0], both[:, 1]
@@ -356,33 +365,51 @@ class _Round:
         return Suspects(order, given, predicted)
 
     def treat(self, failures: FailureSet, labels: Tensor, fisher: list[Tensor] | None, causes: Tensor) -> None:
-        """Moves the repair copy from θ̂ to the treatment's choice among its candidates (judged on F_q and R_q)."""
+        """Moves the repair copy from θ̂ to the treatment's choice among its candidates (judged on F_q and R_q); for a
+        treatment that trains on D \\ C, also runs the control: the same treatment on D, with nothing removed."""
         settings, train = self.settings, self.train
-        generator = torch.Generator().manual_seed(self.seed)
         without_causes = self.kept[~torch.isin(self.kept, causes)]
         judge = Judge(self.model, self.correctness_on(failures.query, labels),
                       self.correctness_on(failures.guard, labels), self.failure_share,
                       margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop)
-        choice = settings.treatment.treat(TreatmentInputs(
-            model=self.model, causes=train.subset(causes).loader(shuffle=True, generator=generator),
-            kept=train.subset(without_causes).loader(shuffle=True, generator=generator), query=self.query,
-            judge=judge, fisher=fisher, n_train=len(self.kept), adapter=self.adapter, seed=self.seed))
+
+        def treated(model: nn.Module, removed: Tensor, kept: Tensor) -> object | None:
+            generator = torch.Generator().manual_seed(self.seed)  # the control draws its batches as the repair does
+            choice = settings.treatment.treat(TreatmentInputs(
+                model=model, causes=train.subset(removed).loader(shuffle=True, generator=generator),
+                kept=train.subset(kept).loader(shuffle=True, generator=generator), query=self.query, judge=judge,
+                fisher=fisher, n_train=len(self.kept), adapter=self.adapter, seed=self.seed))
+            self.ranks.broadcast(model)  # every rank treats alike; rank 0's result is the one
+            return choice
+
+        choice = treated(self.model, causes, without_causes)
         self.record.candidate, self.record.candidates_rated = choice.label, choice.rated
-        self.ranks.broadcast(self.model)  # every rank treats alike; rank 0's result is the one
+        if settings.control and settings.treatment.trains_on_kept and choice.label is not None:
+            control = repair_copy(self.module, settings.params)
+            self.record.control_candidate = treated(control, causes[:0], self.kept).label
+            self.control = control if self.record.control_candidate is not None else None
 
     def accept(self, failures: FailureSet, before: Tensor, labels: Tensor, treated: bool) -> None:
-        """The acceptance rule on F_h and R, the parts no method read: keep the repair, or roll it back."""
+        """The acceptance rule on F_h and R, the parts no method read: keep the repair, or roll it back. The repair
+        must beat θ̂ and, when a control ran, the control too: training it would have had anyway is not a repair."""
         settings, record = self.settings, self.record
         after = self.predictions_after() if self.moved() else before  # θ̂ kept: no prediction changed
         self.set_accuracies(failures, after, labels, "after")
         holdout, remaining = failures.holdout, failures.remaining
-        verdict = compare(before[holdout] == labels[holdout], after[holdout] == labels[holdout],
-                          before[remaining] == labels[remaining], after[remaining] == labels[remaining],
-                          self.failure_share, margin=settings.acceptance_margin,
-                          max_remaining_drop=settings.max_remaining_drop)
+
+        def versus(reference: Tensor) -> Verdict:
+            return compare(reference[holdout] == labels[holdout], after[holdout] == labels[holdout],
+                           reference[remaining] == labels[remaining], after[remaining] == labels[remaining],
+                           self.failure_share, margin=settings.acceptance_margin,
+                           max_remaining_drop=settings.max_remaining_drop)
+
+        verdict = versus(before)
         record.failure_share, record.gain, record.gain_standard_error = (
             self.failure_share, verdict.gain, verdict.standard_error)
-        record.rollback = _rollback_reason(settings, verdict) if treated else None
+        control = versus(self.predict(self.control)[0]) if self.control is not None else None
+        if control is not None:
+            record.control_gain, record.control_gain_standard_error = control.gain, control.standard_error
+        record.rollback = _rollback_reason(settings, verdict, control) if treated else None
         record.accepted = treated and record.rollback is None
         if record.rollback is not None:
             rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.")
@@ -434,15 +461,21 @@ def precision(removed: Tensor, flipped: Tensor) -> float | None:
     return float(torch.isin(removed, torch.as_tensor(flipped)).float().mean())
 
 
-def _rollback_reason(settings: RepairRound, verdict: Verdict) -> str | None:
-    """Why the treated weights must not be kept, or None to keep them."""
-    if not settings.rollback or verdict.accepted:
+def _rollback_reason(settings: RepairRound, verdict: Verdict, control: Verdict | None = None) -> str | None:
+    """Why the treated weights must not be kept, or None to keep them. ``control``: the repair against the control."""
+    if not settings.rollback:
         return None
     if settings.max_remaining_drop is not None and verdict.remaining_drop > settings.max_remaining_drop:
         return (f"accuracy on R dropped by {verdict.remaining_drop:.4f} > "
                 f"max_remaining_drop={settings.max_remaining_drop}")
-    return (f"estimated validation accuracy changed by {verdict.gain:+.4f}, not more than "
-            f"{settings.acceptance_margin:g} × its paired standard error {verdict.standard_error:.4f}")
+    if not verdict.accepted:
+        return (f"estimated validation accuracy changed by {verdict.gain:+.4f}, not more than "
+                f"{settings.acceptance_margin:g} × its paired standard error {verdict.standard_error:.4f}")
+    if control is not None and not control.accepted:
+        return (f"the same treatment with nothing removed (the control) did about as well: the repair beat it by "
+                f"{control.gain:+.4f}, not more than {settings.acceptance_margin:g} × its paired standard error "
+                f"{control.standard_error:.4f}")
+    return None
 
 
 class _Clock:

@@ -50,11 +50,14 @@ class Treatment(Method, ABC):
 
     Attributes:
         needs_fisher: whether :meth:`candidates` reads ``inputs.fisher``.
+        trains_on_kept: whether the treatment trains on D \\ C, so that part of what it gains is extra training. The
+            round then also runs it with nothing removed (the control) and keeps the repair only if it beats that.
         patience: stop after this many candidates in a row that do not improve on the best rating seen; None
             rates them all.
     """
 
     needs_fisher: bool = False
+    trains_on_kept: bool = False
     patience: int | None = None
 
     @abstractmethod

@@ -27,6 +27,7 @@ class Finetune(Treatment):
     steps: int = 100
     lr: float = 1e-3
     eval_every: int = 10
+    trains_on_kept = True  # a fine-tune on D gains too; the round's control tells the removal's share
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.eval_every < 1:
