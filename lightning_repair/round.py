@@ -376,7 +376,7 @@ class _Round:
         def treated(model: nn.Module, removed: Tensor, kept: Tensor) -> object | None:
             generator = torch.Generator().manual_seed(self.seed)  # the control draws its batches as the repair does
             choice = settings.treatment.treat(TreatmentInputs(
-                model=model, causes=train.subset(removed).loader(shuffle=True, generator=generator),
+                model=model, causes=train.subset(removed).loader(shuffle=len(removed) > 0, generator=generator),
                 kept=train.subset(kept).loader(shuffle=True, generator=generator), query=self.query, judge=judge,
                 fisher=fisher, n_train=len(self.kept), adapter=self.adapter, seed=self.seed))
             self.ranks.broadcast(model)  # every rank treats alike; rank 0's result is the one

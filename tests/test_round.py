@@ -11,13 +11,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from helpers import BlobsDataModule, Scramble, TinyClassifier, Unchanged
+from helpers import BlobsDataModule, Forced, Scramble, TinyClassifier, Unchanged
 from lightning_repair import RepairCallback
 from lightning_repair.failures import predict
 from lightning_repair.identify import TrainingLoss
 from lightning_repair import round as round_module
 from lightning_repair.round import RepairRound, RoundRecord
-from lightning_repair.treat import EWCUnlearning
+from lightning_repair.treat import EWCUnlearning, Finetune, NewtonRemoval
 
 
 def _trained_blobs(epochs: int = 3) -> tuple[TinyClassifier, BlobsDataModule]:
@@ -160,3 +160,63 @@ def test_the_validation_loops_logits_spare_a_pass_and_change_nothing(tmp_path, m
     compared = 1 if data is ShuffledValidation else 2
     for ours, theirs in zip(repair.rounds[:compared], reference.rounds[:compared]):
         assert {k: v for k, v in ours.items() if k not in timing} == {k: v for k, v in theirs.items() if k not in timing}
+
+
+class _Moves(Forced):
+    """Trains on D \\ C in name: moves the model to ``weights``, and to ``control_weights`` when nothing was removed.
+    Records the sizes of C and of the training part it was given."""
+
+    trains_on_kept = True
+
+    def __init__(self, weights, control_weights):
+        self.weights, self.control_weights, self.given = weights, control_weights, []
+
+    def candidates(self, inputs):
+        removed, kept = len(inputs.causes.dataset), len(inputs.kept.dataset)
+        self.given.append((removed, kept))
+        inputs.model.load_state_dict(self.weights if removed else self.control_weights)
+        yield "moved"
+
+
+def _undertrained_and_better():
+    """θ̂ after 1 epoch on the blobs (validation accuracy 0.75), and better weights after 10 (0.92)."""
+    better, _ = _trained_blobs(epochs=10)
+    model, data = _trained_blobs(epochs=1)
+    return model, data, copy.deepcopy(better.state_dict())
+
+
+def test_a_repair_no_better_than_its_control_is_rolled_back_and_kept_without_a_control():
+    """Training that any fine-tune would have done is not a repair: with the same gain when nothing is removed, the
+    round rolls back although the repair beats θ̂; with control=False the same round is kept."""
+    model, data, better = _undertrained_and_better()
+    rounds = {}
+    for control in (True, False):
+        treatment = _Moves(better, better)
+        rounds[control] = RepairRound(scorer=TrainingLoss(), treatment=treatment, selection={"top_k": 15},
+                                      control=control).run(model, data.train_dataloader(), data.val_dataloader())
+        assert treatment.given == ([(15, 285), (0, 300)] if control else [(15, 285)])  # the control trains on D
+    with_control, without = rounds[True].record, rounds[False].record
+    assert without.accepted and without.gain > 2 * without.gain_standard_error > 0
+    assert without.control_candidate is None and without.control_gain is None
+    assert (with_control.gain, with_control.gain_standard_error) == (without.gain, without.gain_standard_error)
+    assert with_control.control_candidate == "moved" and with_control.control_gain == 0.0
+    assert not with_control.accepted and len(rounds[True].removed) == 0 and "control" in with_control.rollback
+
+
+def test_a_repair_that_beats_its_control_is_kept_with_the_gain_over_it_recorded():
+    model, data, better = _undertrained_and_better()
+    record = RepairRound(scorer=TrainingLoss(), treatment=_Moves(better, copy.deepcopy(model.state_dict())),
+                         selection={"top_k": 15}).run(model, data.train_dataloader(), data.val_dataloader()).record
+    # The control moved nowhere (θ̂'s weights): the repair's gain over it is its gain over θ̂.
+    assert record.accepted and record.rollback is None and record.control_candidate == "moved"
+    assert record.control_gain == pytest.approx(record.gain) and record.control_gain_standard_error > 0
+
+
+def test_only_treatments_that_train_on_the_kept_data_run_a_control():
+    model, data, better = _undertrained_and_better()
+    treatment = _Moves(better, better)
+    treatment.trains_on_kept = False  # e.g. EWC deletion: nothing removed, nothing to do
+    record = RepairRound(scorer=TrainingLoss(), treatment=treatment, selection={"top_k": 15}).run(
+        model, data.train_dataloader(), data.val_dataloader()).record
+    assert treatment.given == [(15, 285)] and record.accepted and record.control_gain is None
+    assert Finetune.trains_on_kept and not EWCUnlearning.trains_on_kept and not NewtonRemoval.trains_on_kept
