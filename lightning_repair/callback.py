@@ -87,10 +87,10 @@ class RepairCallback(Callback):
         max_remaining_drop: an optional extra cap: also reject repairs that lower accuracy on R (R_q for the
             treatments' candidates) by more than this. None (default) sets no cap; θ̂ scores 1.0 on R by
             construction, so a tight cap rejects every repair that trades a few right answers for many fixes.
-        control: for a treatment that trains on D \\ C (``Finetune``), also run it on all of D, removing nothing,
-            and keep the round only when the repair beats this control on F_h and R by the same rule: a fine-tune
-            raises the accuracy of an undertrained model whatever it leaves out, and that is not the removal's
-            doing. It costs a second fine-tune per round. False judges the repair against θ̂ alone.
+        control: for a treatment that trains on D \\ C (``Finetune``, ``NewtonRemoval``), also run it on all of
+            D, removing nothing, and keep the round only when the repair beats this control on F_h and R by the
+            same rule: a fine-tune raises the accuracy of an undertrained model whatever it leaves out, and that is
+            not the removal's doing. It costs a second treatment per round. False judges against θ̂ alone.
         report: also write, per round, PNG figures (top suspects with given → predicted labels, score histogram,
             accuracy before/after, and the detection curve when the data module has ``flipped_indices``) and a
             Markdown page beside the CSV; the suspects grid also goes to loggers that take images (TensorBoard).

@@ -13,11 +13,13 @@ from torch.utils.data import DataLoader, Subset
 
 from helpers import BlobsDataModule, Forced, Scramble, TinyClassifier, Unchanged
 from lightning_repair import RepairCallback
+from lightning_repair.acceptance import Judge
+from lightning_repair.adapter import BatchAdapter
 from lightning_repair.failures import predict
 from lightning_repair.identify import TrainingLoss
 from lightning_repair import round as round_module
 from lightning_repair.round import RepairRound, RoundRecord
-from lightning_repair.treat import EWCUnlearning, Finetune, NewtonRemoval
+from lightning_repair.treat import EWCUnlearning, Finetune, NewtonRemoval, TreatmentInputs
 
 
 def _trained_blobs(epochs: int = 3) -> tuple[TinyClassifier, BlobsDataModule]:
@@ -219,4 +221,18 @@ def test_only_treatments_that_train_on_the_kept_data_run_a_control():
     record = RepairRound(scorer=TrainingLoss(), treatment=treatment, selection={"top_k": 15}).run(
         model, data.train_dataloader(), data.val_dataloader()).record
     assert treatment.given == [(15, 285)] and record.accepted and record.control_gain is None
-    assert Finetune.trains_on_kept and not EWCUnlearning.trains_on_kept and not NewtonRemoval.trains_on_kept
+    assert Finetune().trains_on_kept and NewtonRemoval().trains_on_kept  # both step down the loss of D \\ C
+    assert not EWCUnlearning().trains_on_kept and not NewtonRemoval(step="influence").trains_on_kept
+
+
+def test_newton_removal_with_nothing_removed_steps_on_the_loss_of_all_of_d():
+    """Newton removal's control: with an empty cause set its default step reads D's loss alone and moves θ̂."""
+    model, data = _trained_blobs(epochs=1)
+    moved = copy.deepcopy(model).eval()
+    empty = DataLoader(Subset(data.train_dataset, []), batch_size=32)
+    inputs = TreatmentInputs(model=moved, causes=empty, kept=data.train_dataloader(), query=data.val_dataloader(),
+                             judge=Judge.accuracy_on(moved, data.val_dataloader()), fisher=None, n_train=300,
+                             adapter=BatchAdapter())
+    assert list(NewtonRemoval(gamma_multipliers=(1.0,)).candidates(inputs)) == [1.0 / 300]
+    changes = [(a - b).abs().max() for a, b in zip(moved.parameters(), model.parameters())]
+    assert all(torch.isfinite(c) for c in changes) and max(changes) > 0

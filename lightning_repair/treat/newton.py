@@ -105,6 +105,10 @@ class NewtonRemoval(Treatment):
     def needs_fisher(self) -> bool:  # type: ignore[override]
         return self.inverse == "diagonal"
 
+    @property
+    def trains_on_kept(self) -> bool:  # type: ignore[override]
+        return self.step == "kept_loss"  # a Newton step down the loss of D \ C; the paper's step reads only C
+
     def candidates(self, inputs: TreatmentInputs) -> Iterator[float]:
         return newton_candidates(inputs.model, inputs.causes, inputs.fisher, inputs.n_train, kept_loader=inputs.kept,
                                  damping=self.damping, gamma_multipliers=self.gamma_multipliers,
