@@ -47,6 +47,7 @@ from benchmarks.training import epoch_overrides
 
 BENCHMARKS = Path(__file__).resolve().parent
 CACHE = BENCHMARKS / "cache" / "fit"
+OTHER_MACHINES = "other_machines"  # under the cache: plain fits of other machines, each paired with its own runs
 RESULTS = BENCHMARKS / "results"
 BATCH_SIZE = 64
 VAL_SIZE = 10_000
@@ -376,9 +377,11 @@ def run_all(settings: list[Setting], runs: list[str], jobs: int, threads: int, l
 
 def collect(settings: list[Setting], runs: list[str], cache: Path = CACHE) -> list[dict[str, Any]]:
     """Every cached run of ``settings``; an oracle run shared from the other protocol is filed under this one, and
-    says so in ``shared_from``."""
+    says so in ``shared_from``. A run whose machine is not the plain fit's gets ``paired_plain``: the plain fit of
+    its own machine, from ``<cache>/other_machines/``, where one ran."""
     records = []
     for setting in settings:
+        found = []
         for run in runs:
             path = cached(setting, run, cache)
             if path is None:
@@ -387,8 +390,23 @@ def collect(settings: list[Setting], runs: list[str], cache: Path = CACHE) -> li
             if record["setting"]["protocol"] != setting.protocol:
                 record["shared_from"] = record["setting"]["protocol"]
                 record["setting"] = {**record["setting"], "protocol": setting.protocol}
-            records.append(record)
+            found.append(record)
+        _pair_with_own_machine(found, cache / OTHER_MACHINES, setting)
+        records += found
     return records
+
+
+def _pair_with_own_machine(records: list[dict[str, Any]], others: Path, setting: Setting) -> None:
+    """Gives each run of one setting and seed whose machine is not its plain fit's the plain fit of its own machine
+    (``paired_plain``), from ``others``, where one ran."""
+    from benchmarks.fit_report import machine
+
+    plain = next((record for record in records if record["run"] == "plain"), None)
+    own = {machine(other): other
+           for other in (json.loads(path.read_text()) for path in sorted(others.glob(f"{setting.tag}_plain*.json")))}
+    for record in records:
+        if plain is not None and record is not plain and machine(record) in own and machine(record) != machine(plain):
+            record["paired_plain"] = {key: own[machine(record)][key] for key in ("test", "seconds", "environment")}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -30,36 +30,50 @@ def summarize_setting(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, d
     summary = {}
     for run, by_seed in runs.items():
         seeds = sorted(by_seed)
-        paired = [s for s in seeds if s in plain]
+        base = {s: plain_of(by_seed[s], s, plain) for s in seeds}
+        paired = [s for s in seeds if base[s] is not None]
         summary[run] = {
             "seeds": seeds,
             "test": stats(by_seed[s]["test"] for s in seeds),
-            "change_from_plain": stats(by_seed[s]["test"] - plain[s]["test"] for s in paired),
-            "gap_closed": stats(metrics.gap_closed(by_seed[s]["test"], plain[s]["test"], oracle[s]["test"])
+            "change_from_plain": stats(by_seed[s]["test"] - base[s]["test"] for s in paired),
+            "gap_closed": stats(metrics.gap_closed(by_seed[s]["test"], base[s]["test"], oracle[s]["test"])
                                 for s in paired if s in oracle),
             "precision": stats(by_seed[s].get("precision") for s in seeds),
             "recall": stats(by_seed[s].get("recall") for s in seeds),
             "removed": stats(by_seed[s].get("removed") for s in seeds),
-            "time_over_plain": stats(by_seed[s]["seconds"] / plain[s]["seconds"] for s in paired),
+            "time_over_plain": stats(by_seed[s]["seconds"] / base[s]["seconds"] for s in paired),
             "peak_memory_mb": stats(by_seed[s]["peak_memory_mb"] for s in seeds),
-            "better_than_plain": sum(by_seed[s]["test"] > plain[s]["test"] for s in paired),
+            "better_than_plain": sum(by_seed[s]["test"] > base[s]["test"] for s in paired),
             "paired": len(paired),
         }
     return summary
 
 
 def machine(record: dict[str, Any]) -> str | None:
-    """The device a run computed on: the GPU's name, else the CPU's (None where the record does not say)."""
+    """The device a run computed on: the GPU's name, else the CPU's with the platform where the record has it (two
+    machines with CPUs of one name, on different platforms, gave different fits from the first epoch on); None
+    where the record does not say."""
     environment = record.get("environment") or {}
-    return environment.get("cuda") or environment.get("cpu")
+    if environment.get("cuda") or not environment.get("cpu"):
+        return environment.get("cuda")
+    return ", ".join(str(environment[key]) for key in ("cpu", "platform") if environment.get(key))
+
+
+def plain_of(record: dict[str, Any], seed: int, plain: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The plain fit ``record`` pairs with: its own machine's (``paired_plain``, set by ``benchmarks.fit.collect``
+    where the table's plain fit ran elsewhere), else the table's plain fit of its seed."""
+    return record.get("paired_plain") or plain.get(seed)
 
 
 def cross_machine_pairs(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[int]]:
     """Per run, the seeds whose plain training ran on another machine (where both records say which)."""
     plain = runs.get("plain", {})
-    across = {run: [seed for seed, record in sorted(by_seed.items())
-                    if seed in plain and None not in (machine(record), machine(plain[seed]))
-                    and machine(record) != machine(plain[seed])]
+
+    def across_machines(record: dict[str, Any], seed: int) -> bool:
+        base = plain_of(record, seed, plain)
+        return base is not None and None not in (machine(record), machine(base)) and machine(record) != machine(base)
+
+    across = {run: [seed for seed, record in sorted(by_seed.items()) if across_machines(record, seed)]
               for run, by_seed in runs.items() if run != "plain"}
     return {run: seeds for run, seeds in across.items() if seeds}
 
@@ -76,7 +90,8 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
                 "Made by `python -m benchmarks.fit` (see `benchmarks/fit.py` and `../shared/METHODS.md`, "
                 "*End-to-end protocol*). Every run is `Trainer.fit` of the paper CNN from the same initial weights; "
                 "test accuracy is read once, at the end. *Change* is paired: the run's test accuracy minus plain "
-                "training's, same seed. *Gap closed* = (run − plain) / (oracle − plain). Precision and recall are "
+                "training's, same seed and machine: where the table's plain fit ran on another machine than the run, the run is "
+                "paired with a plain fit of its own machine (`paired_plain` in `fit.json`) where one ran. *Gap closed* = (run − plain) / (oracle − plain). Precision and recall are "
                 "of everything the run removed (the callback: accepted rounds; cleanlab: its label issues; "
                 "small-loss: what its last epoch dropped) against the recorded flips. *Time* is wall time ÷ the "
                 "plain fit's, same seed: it compares like with like only when both ran under the same load (the "

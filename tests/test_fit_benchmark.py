@@ -135,3 +135,31 @@ def test_quick_mode_runs_its_two_fits_side_by_side_unless_told_otherwise():
     assert fit.parse_arguments(["--quick"]).jobs == 2
     assert fit.parse_arguments(["--quick", "--jobs", "1"]).jobs == 1
     assert fit.parse_arguments([]).jobs == 1
+
+
+def test_a_run_pairs_with_the_plain_fit_of_its_own_machine_where_one_ran(tmp_path):
+    import json
+
+    from benchmarks.fit import OTHER_MACHINES, Setting, cache_path, collect
+    from benchmarks.fit_report import cross_machine_pairs, group
+
+    def on(platform: str, record: dict) -> dict:
+        return {**record, "environment": {"cuda": None, "cpu": "AMD EPYC", "platform": platform}}
+
+    setting = Setting("pairs", "3k-mem", 0, 150)
+    cache_path(setting, "plain", tmp_path).write_text(json.dumps(on("new", _record("plain", 0, 0.70, 10.0))))
+    cache_path(setting, "repair", tmp_path).write_text(json.dumps(on("new", _record("repair", 0, 0.80, 12.0))))
+    cache_path(setting, "cleanlab", tmp_path).write_text(json.dumps(on("old", _record("cleanlab", 0, 0.78, 40.0))))
+    cache_path(setting, "small_loss", tmp_path).write_text(json.dumps(on("gpu?", _record("small_loss", 0, 0.75, 9.0))))
+    (tmp_path / OTHER_MACHINES).mkdir()
+    cache_path(setting, "plain", tmp_path / OTHER_MACHINES).write_text(
+        json.dumps(on("old", _record("plain", 0, 0.74, 20.0))))
+    runs = group(collect([setting], ["plain", "repair", "cleanlab", "small_loss"], tmp_path))["pairs", "3k-mem"]
+    summary = summarize_setting(runs)
+    assert "paired_plain" not in runs["repair"][0] and summary["repair"]["change_from_plain"]["mean"] == pytest.approx(0.10)
+    # cleanlab ran on the old machine: it pairs with the old machine's plain fit, and is not flagged as crossing.
+    assert summary["cleanlab"]["change_from_plain"]["mean"] == pytest.approx(0.04)
+    assert summary["cleanlab"]["time_over_plain"]["mean"] == pytest.approx(2.0)
+    # No plain fit of small-loss's machine: it pairs with the table's, and is named as crossing machines.
+    assert summary["small_loss"]["change_from_plain"]["mean"] == pytest.approx(0.05)
+    assert cross_machine_pairs(runs) == {"small_loss": [0]}

@@ -374,6 +374,10 @@ class NormDropClassifier(TinyClassifier):
         self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
 
 
+class ForcedFinetune(Forced, Finetune):
+    """Fine-tunes on D \\ C and proposes its last step whatever the judge says; a control runs (trains_on_kept)."""
+
+
 def _final_state(callbacks: list[Callback], max_epochs: int = 3) -> dict:
     trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, accelerator="cpu", logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
@@ -386,10 +390,15 @@ def _final_state(callbacks: list[Callback], max_epochs: int = 3) -> dict:
 @pytest.mark.parametrize("repair", [
     RepairCallback(start_epoch=50),  # idle: only its per-epoch loss check runs
     RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0, every_n_epochs=1),
-], ids=["idle", "rolled_back"])
+    # Fine-tunes, and their controls, that move the repair copies and are all rolled back by an unreachable margin.
+    RepairCallback(scorer=TrainingLoss(), treatment=ForcedFinetune(steps=5, eval_every=5), top_k=10, start_epoch=0,
+                   every_n_epochs=1, acceptance_margin=1e6),
+], ids=["idle", "rolled_back", "fine_tuned_and_rolled_back"])
 def test_a_fit_whose_rounds_change_nothing_ends_exactly_as_a_plain_fit(repair):
     # Parameters, BatchNorm statistics and the RNG streams (dropout masks, batch order) all stay the user's own.
     plain = _final_state([])
     repaired = _final_state([repair])
     assert all(not r["accepted"] for r in repair.rounds)
+    if isinstance(repair.treatment, ForcedFinetune):
+        assert all(r["candidate"] == 5 and r["control_candidate"] == 5 for r in repair.rounds)
     assert same_state(plain, repaired)
