@@ -27,13 +27,15 @@ TABLE_COLUMNS = (
     ("acc_fh_after", "F_h acc", "{:.3f}"),
     ("acc_r_after", "R acc", "{:.3f}"),
     ("gain", "acc_V gain", "{:+.3f}"),
+    ("control_gain", "vs control", "{:+.3f}"),
     ("seconds_total", "seconds", "{:.1f}"),
 )
 
 METRIC_KEYS = (
     "failures", "removed", "removed_total", "precision", "acc_fq_before", "acc_fq_after", "acc_fh_before",
-    "acc_fh_after", "acc_r_before", "acc_r_after", "gain", "gain_standard_error", "seconds_failures", "seconds_fisher", "seconds_scores",
-    "seconds_treatment", "seconds_total",
+    "acc_fh_after", "acc_r_before", "acc_r_after", "gain", "gain_standard_error", "control_gain",
+    "control_gain_standard_error", "seconds_failures", "seconds_fisher", "seconds_scores", "seconds_treatment",
+    "seconds_total",
 )
 
 
