@@ -472,9 +472,9 @@ def _rollback_reason(settings: RepairRound, verdict: Verdict, control: Verdict |
         return (f"estimated validation accuracy changed by {verdict.gain:+.4f}, not more than "
                 f"{settings.acceptance_margin:g} × its paired standard error {verdict.standard_error:.4f}")
     if control is not None and not control.accepted:
-        return (f"the same treatment with nothing removed (the control) did about as well or better: the repair beat it by "
-                f"{control.gain:+.4f}, not more than {settings.acceptance_margin:g} × its paired standard error "
-                f"{control.standard_error:.4f}")
+        return (f"the same treatment with nothing removed (the control) did about as well or better: the repair "
+                f"beat it by {control.gain:+.4f}, not more than {settings.acceptance_margin:g} × its paired standard "
+                f"error {control.standard_error:.4f}")
     return None
 
 
