@@ -95,6 +95,7 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_energy_alignment": _repair(treatment="EnergyAlignment"),
     "repair_best_of": _repair(treatment="BestOf"),
     "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
+    "repair_training_loss_finetune_no_control": _repair(scorer="TrainingLoss", treatment="Finetune", control=False),
     "repair_margin_1": _repair(treatment="EWCUnlearning", start_epoch=1, acceptance_margin=1.0),
     "repair_start_15": _repair(treatment="EWCUnlearning", start_epoch=15),
     "repair_start_31": _repair(treatment="EWCUnlearning", start_epoch=31),
@@ -110,6 +111,8 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_energy_alignment": "RepairCallback(treatment=EnergyAlignment())",
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",
+          "repair_training_loss_finetune_no_control": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune(), "
+                                                      "control=False)",
           "repair_margin_1": "RepairCallback(treatment=EWCUnlearning(), start_epoch=1, acceptance_margin=1)",
           "repair_start_15": "RepairCallback(treatment=EWCUnlearning(), start_epoch=15)",
           "repair_start_31": "RepairCallback(treatment=EWCUnlearning(), start_epoch=31)",
