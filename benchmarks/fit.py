@@ -88,14 +88,16 @@ def _repair(scorer: str | None = None, treatment: str | None = None, **settings:
 # default changes).
 REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair": _repair(),
-    "repair_no_control": _repair(control=False),  # the defaults before the control fine-tune
+    "repair_no_control": _repair(control_margin=None),  # the defaults before the control fine-tune
+    "repair_control_margin_2": _repair(control_margin=2.0),
     "repair_ewc": _repair(treatment="EWCUnlearning"),
     "repair_ewc_start_1": _repair(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
     "repair_newton": _repair(treatment="NewtonRemoval"),
     "repair_energy_alignment": _repair(treatment="EnergyAlignment"),
     "repair_best_of": _repair(treatment="BestOf"),
     "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
-    "repair_training_loss_finetune_no_control": _repair(scorer="TrainingLoss", treatment="Finetune", control=False),
+    "repair_training_loss_finetune_no_control": _repair(scorer="TrainingLoss", treatment="Finetune",
+                                                       control_margin=None),
     "repair_margin_1": _repair(treatment="EWCUnlearning", start_epoch=1, acceptance_margin=1.0),
     "repair_start_15": _repair(treatment="EWCUnlearning", start_epoch=15),
     "repair_start_31": _repair(treatment="EWCUnlearning", start_epoch=31),
@@ -104,7 +106,8 @@ SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed s
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
 RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPAIR_RUNS if r != "repair"])
 LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair": "RepairCallback() defaults",
-          "repair_no_control": "RepairCallback(control=False), the defaults before the control",
+          "repair_no_control": "RepairCallback(control_margin=None), the defaults before the control",
+          "repair_control_margin_2": "RepairCallback(control_margin=2)",
           "repair_ewc": "RepairCallback(treatment=EWCUnlearning())",
           "repair_ewc_start_1": "RepairCallback(treatment=EWCUnlearning(), start_epoch=1), the earlier defaults",
           "repair_newton": "RepairCallback(treatment=NewtonRemoval())",
@@ -112,7 +115,7 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",
           "repair_training_loss_finetune_no_control": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune(), "
-                                                      "control=False)",
+                                                      "control_margin=None)",
           "repair_margin_1": "RepairCallback(treatment=EWCUnlearning(), start_epoch=1, acceptance_margin=1)",
           "repair_start_15": "RepairCallback(treatment=EWCUnlearning(), start_epoch=15)",
           "repair_start_31": "RepairCallback(treatment=EWCUnlearning(), start_epoch=31)",

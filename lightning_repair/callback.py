@@ -87,10 +87,13 @@ class RepairCallback(Callback):
         max_remaining_drop: an optional extra cap: also reject repairs that lower accuracy on R (R_q for the
             treatments' candidates) by more than this. None (default) sets no cap; θ̂ scores 1.0 on R by
             construction, so a tight cap rejects every repair that trades a few right answers for many fixes.
-        control: for a treatment that trains on D \\ C (``Finetune``, ``NewtonRemoval``), also run it on all of
-            D, removing nothing, and keep the round only when the repair beats this control on F_h and R by the
-            same rule: a fine-tune raises the accuracy of an undertrained model whatever it leaves out, and that is
-            not the removal's doing. It costs a second treatment per round. False judges against θ̂ alone.
+        control_margin: for a treatment that trains on D \\ C (``Finetune``, ``NewtonRemoval``), also run it on
+            all of D, removing nothing (the control), and keep the round only when the repair beats the control on
+            F_h and R by more than this many paired standard errors, besides beating θ̂ by ``acceptance_margin``:
+            a fine-tune raises the accuracy of an undertrained model whatever it leaves out, and that is not the
+            removal's doing. 0 (default): the repair must do better than the control, by any amount, but need not
+            prove it (a removal also pays off in later epochs, which no round can see). None runs no control. It
+            costs a second treatment per round.
         report: also write, per round, PNG figures (top suspects with given → predicted labels, score histogram,
             accuracy before/after, and the detection curve when the data module has ``flipped_indices``) and a
             Markdown page beside the CSV; the suspects grid also goes to loggers that take images (TensorBoard).
@@ -127,7 +130,7 @@ class RepairCallback(Callback):
         rollback: bool = _DEFAULTS.rollback,
         acceptance_margin: float = _DEFAULTS.acceptance_margin,
         max_remaining_drop: float | None = None,
-        control: bool = _DEFAULTS.control,
+        control_margin: float | None = _DEFAULTS.control_margin,
         report: bool = False,
         report_images: int = 32,
         seed: int = 0,
@@ -141,7 +144,8 @@ class RepairCallback(Callback):
             fisher=fisher, fisher_samples=fisher_samples, backend=None if curvature == "auto" else curvature,
             query_fraction=query_fraction, max_failures=max_failures, stop_fraction=stop_fraction, params=params,
             batch_size=batch_size, suspects_to_report=suspects_to_report, rollback=rollback,
-            acceptance_margin=acceptance_margin, max_remaining_drop=max_remaining_drop, control=control)
+            acceptance_margin=acceptance_margin, max_remaining_drop=max_remaining_drop,
+            control_margin=control_margin)
         self.curvature, self.every_n_epochs, self.start_epoch = curvature, every_n_epochs, start_epoch
         self.report, self.report_images, self.seed = report, report_images, seed
         self.rounds: list[RoundRecord] = []

@@ -168,7 +168,7 @@ class RepairRound:
     rollback: bool = True
     acceptance_margin: float = DEFAULT_MARGIN
     max_remaining_drop: float | None = None
-    control: bool = True
+    control_margin: float | None = 0.0
 
     def __post_init__(self) -> None:
         check_selection(**{"top_k": None, "top_fraction": None, "threshold": None, **self.selection})
@@ -189,6 +189,9 @@ class RepairRound:
             raise ValueError(f"max_remaining_drop must be in [0, 1] or None, got {self.max_remaining_drop}.")
         if self.acceptance_margin < 0:
             raise ValueError(f"acceptance_margin must be ≥ 0 standard errors, got {self.acceptance_margin}.")
+        if self.control_margin is not None and self.control_margin < 0:
+            raise ValueError(f"control_margin must be ≥ 0 standard errors, or None to run no control; got "
+                             f"{self.control_margin}.")
         if self.rollback and self.query_fraction == 1.0:
             raise ValueError("query_fraction=1.0 leaves no held-out failures F_h, and without them no repair can be "
                              "shown to raise validation accuracy, so every round would roll back. Use "
@@ -384,7 +387,7 @@ class _Round:
 
         choice = treated(self.model, causes, without_causes)
         self.record.candidate, self.record.candidates_rated = choice.label, choice.rated
-        if settings.control and settings.treatment.trains_on_kept and choice.label is not None:
+        if settings.control_margin is not None and settings.treatment.trains_on_kept and choice.label is not None:
             control = repair_copy(self.module, settings.params)
             self.record.control_candidate = treated(control, causes[:0], self.kept).label
             self.control = control if self.record.control_candidate is not None else None
@@ -397,16 +400,16 @@ class _Round:
         self.set_accuracies(failures, after, labels, "after")
         holdout, remaining = failures.holdout, failures.remaining
 
-        def versus(reference: Tensor) -> Verdict:
+        def versus(reference: Tensor, margin: float) -> Verdict:
             return compare(reference[holdout] == labels[holdout], after[holdout] == labels[holdout],
                            reference[remaining] == labels[remaining], after[remaining] == labels[remaining],
-                           self.failure_share, margin=settings.acceptance_margin,
-                           max_remaining_drop=settings.max_remaining_drop)
+                           self.failure_share, margin=margin, max_remaining_drop=settings.max_remaining_drop)
 
-        verdict = versus(before)
+        verdict = versus(before, settings.acceptance_margin)
         record.failure_share, record.gain, record.gain_standard_error = (
             self.failure_share, verdict.gain, verdict.standard_error)
-        control = versus(self.predict(self.control)[0]) if self.control is not None else None
+        control = (versus(self.predict(self.control)[0], settings.control_margin) if self.control is not None
+                   else None)
         if control is not None:
             record.control_gain, record.control_gain_standard_error = control.gain, control.standard_error
         record.rollback = _rollback_reason(settings, verdict, control) if treated else None
@@ -472,9 +475,9 @@ def _rollback_reason(settings: RepairRound, verdict: Verdict, control: Verdict |
         return (f"estimated validation accuracy changed by {verdict.gain:+.4f}, not more than "
                 f"{settings.acceptance_margin:g} × its paired standard error {verdict.standard_error:.4f}")
     if control is not None and not control.accepted:
-        return (f"the same treatment with nothing removed (the control) did about as well or better: the repair "
-                f"beat it by {control.gain:+.4f}, not more than {settings.acceptance_margin:g} × its paired standard "
-                f"error {control.standard_error:.4f}")
+        return (f"the same treatment with nothing removed (the control) did as well or better: the repair beat it by "
+                f"{control.gain:+.4f}, not more than {settings.control_margin:g} × its paired standard error "
+                f"{control.standard_error:.4f}")
     return None
 
 

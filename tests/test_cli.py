@@ -63,7 +63,7 @@ def test_main_config(capsys: pytest.CaptureFixture) -> None:
     init_args = repair_callback(config)
     assert {key: init_args[key]["class_path"] for key in MAIN_METHODS} == MAIN_METHODS
     assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher"],
-            init_args["fisher_samples"], init_args["control"]) == (0, 0.02, "mc", 1000, True)
+            init_args["fisher_samples"], init_args["control_margin"]) == (0, 0.02, "mc", 1000, 0.0)
     assert config["trainer"]["max_epochs"] == 5
     assert config["model"]["class_path"] == "lightning_repair.models.ImageClassifier"
     assert config["data"]["class_path"] == "lightning_repair.data.FashionMNISTDataModule"
