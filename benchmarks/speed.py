@@ -246,7 +246,7 @@ def resnet_report(results: list[dict], n: int) -> list[str]:
              f"max-pool; only the first convolution takes 1 channel) in `ImageClassifier`, on the first {n:,} "
              "images, `Trainer.fit` of one epoch from the same initial weights, then one round "
              f"(`RepairCallback(start_epoch=0, top_fraction={TOP_FRACTION}, batch_size={REPAIR_BATCH}, ...)`, "
-             "defaults otherwise: KNN-Shapley (trusted) + EWC unlearning). One run each; every ratio is to the "
+             "defaults otherwise: KNN-Shapley (trusted) + fine-tuning on D \\ C and its control). One run each; every ratio is to the "
              "same fit's training epoch. The Fisher averages over `fisher_samples` (1,000) examples whatever N, so "
              "at a small N it dominates the whole network's round; with `params=['net.fc']` BackPACK follows the "
              "head alone (the body needs no gradient).", "",
@@ -475,12 +475,12 @@ def run(args: argparse.Namespace) -> dict:
         samples = [float(r.get(field) or 0.0) for r in round_records]
         rows[key] = {"label": label, "seconds": statistics.median(samples), "samples": samples, "note": ""}
 
-    round_row("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) + EWC unlearning)",
+    round_row("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) + fine-tune and its control)",
               "seconds_total")
     round_row("round_failures", "  failures + the head's inputs over V (one no-grad pass)", "seconds_failures")
     round_row("round_fisher", "  Fisher", "seconds_fisher")
     round_row("round_scores", "  scores (KNN-Shapley, trusted)", "seconds_scores")
-    round_row("round_treatment", "  suspects + treatment (EWC unlearning)", "seconds_treatment")
+    round_row("round_treatment", "  suspects + treatment (fine-tune and its control)", "seconds_treatment")
     other = [r["seconds_total"] - sum(float(r.get(f) or 0.0) for f in
              ("seconds_failures", "seconds_fisher", "seconds_scores", "seconds_treatment")) for r in round_records]
     rows["round_other"] = {"label": "  predict after + suspects CSV", "seconds": statistics.median(other),
