@@ -246,7 +246,8 @@ def resnet_report(results: list[dict], n: int) -> list[str]:
              f"max-pool; only the first convolution takes 1 channel) in `ImageClassifier`, on the first {n:,} "
              "images, `Trainer.fit` of one epoch from the same initial weights, then one round "
              f"(`RepairCallback(start_epoch=0, top_fraction={TOP_FRACTION}, batch_size={REPAIR_BATCH}, ...)`, "
-             "defaults otherwise: KNN-Shapley (trusted) + fine-tuning on D \\ C and its control). One run each; every ratio is to the "
+             "defaults otherwise: KNN-Shapley (trusted) + fine-tuning on D \\ C and its control). One run each; "
+             "every ratio is to the "
              "same fit's training epoch. The Fisher averages over `fisher_samples` (1,000) examples whatever N, so "
              "at a small N it dominates the whole network's round; with `params=['net.fc']` BackPACK follows the "
              "head alone (the body needs no gradient).", "",

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_repair.acceptance import DEFAULT_MARGIN, Correctness, Judge, Verdict, compare, correctness
+from lightning_repair.acceptance import DEFAULT_MARGIN, Choice, Correctness, Judge, Verdict, compare, correctness
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import BACKENDS, FISHER_KINDS, FisherKind, choose_backend, diagonal_fisher, forked_rng
 from lightning_repair.distributed import SINGLE_PROCESS, Ranks
@@ -376,7 +376,7 @@ class _Round:
                       self.correctness_on(failures.guard, labels), self.failure_share,
                       margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop)
 
-        def treated(model: nn.Module, removed: Tensor, kept: Tensor) -> object | None:
+        def treated(model: nn.Module, removed: Tensor, kept: Tensor) -> Choice:
             generator = torch.Generator().manual_seed(self.seed)  # the control draws its batches as the repair does
             choice = settings.treatment.treat(TreatmentInputs(
                 model=model, causes=train.subset(removed).loader(shuffle=len(removed) > 0, generator=generator),

@@ -195,7 +195,8 @@ def test_a_repair_no_better_than_its_control_is_rolled_back_and_kept_without_a_c
     for control in (True, False):
         treatment = _Moves(better, better)
         rounds[control] = RepairRound(scorer=TrainingLoss(), treatment=treatment, selection={"top_k": 15},
-                                      control_margin=0.0 if control else None).run(model, data.train_dataloader(), data.val_dataloader())
+                                      control_margin=0.0 if control else None).run(
+            model, data.train_dataloader(), data.val_dataloader())
         assert treatment.given == ([(15, 285), (0, 300)] if control else [(15, 285)])  # the control trains on D
     with_control, without = rounds[True].record, rounds[False].record
     assert without.accepted and without.gain > 2 * without.gain_standard_error > 0
