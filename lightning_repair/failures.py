@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
+from lightning_repair.examples import Rows
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,12 @@ def predict(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None =
     """Predicted classes and given labels of every example of ``loader``, in order, on the CPU (one copy back at
     the end, none per batch)."""
     adapter = adapter or BatchAdapter()
-    predictions, labels = [], []
+    predictions, labels = Rows(len(loader.dataset)), Rows(len(loader.dataset))
     for index, (inputs, y) in enumerate(batches(loader, model, adapter)):
         predictions.append(checked_logits(model, inputs, y, adapter, check_values=index == 0).argmax(dim=1))
         labels.append(y)
-    if not predictions:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(predictions).cpu(), torch.cat(labels).cpu()
+    empty = torch.empty(0, dtype=torch.long)
+    return predictions.tensor(empty).cpu(), labels.tensor(empty).cpu()
 
 
 def split_failures(predictions: Tensor, labels: Tensor, query_fraction: float = 0.5,

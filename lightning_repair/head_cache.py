@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits, model_device
+from lightning_repair.examples import Rows
 from lightning_repair.identify.base import RecordedInputs
 
 MAX_ELEMENTS = 2**24
@@ -186,7 +187,7 @@ class HeadCache:
         or None where it cannot serve this model (the reason is logged)."""
         adapter = adapter or BatchAdapter()
         recorder: HeadRecorder | None = None
-        predictions = []
+        predictions = Rows(len(loader.dataset))
         try:
             for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
                 recorder = recorder or HeadRecorder(model, inputs, max_elements)
@@ -196,7 +197,7 @@ class HeadCache:
         finally:
             if recorder is not None:
                 recorder.close()
-        predicted = torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long)
+        predicted = predictions.tensor(torch.empty(0, dtype=torch.long)).cpu()
         if recorder is None:
             rank_zero_info("RepairCallback: predicting candidates by full forward passes (there were no batches).")
             return None, predicted

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
+from lightning_repair.examples import Rows
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
 from lightning_repair.optimize import FIT_DEFAULTS, fit_to_failures
 
@@ -26,7 +27,7 @@ def loss_change(before: nn.Module, after: nn.Module, loader: DataLoader, adapter
                 progress: Progress = no_progress) -> Tensor:
     """ℓ(z; after) − ℓ(z; before) for every example of ``loader``, in order."""
     adapter = adapter or BatchAdapter()
-    changes = []
+    changes = Rows(len(loader.dataset))
     for index, (inputs, labels) in enumerate(batches(progress(loader, "repair: scoring"), before, adapter)):
         first = index == 0  # value checks read back to the host: the first batch only
         loss_after = F.cross_entropy(checked_logits(after, inputs, labels, adapter, check_values=first), labels,
@@ -34,7 +35,7 @@ def loss_change(before: nn.Module, after: nn.Module, loader: DataLoader, adapter
         loss_before = F.cross_entropy(checked_logits(before, inputs, labels, adapter, check_values=first), labels,
                                       reduction="none")
         changes.append(loss_after - loss_before)
-    return torch.cat(changes).cpu() if changes else torch.empty(0)
+    return changes.tensor(torch.empty(0)).cpu()
 
 
 def ewc_influence(model: nn.Module, train_loader: DataLoader, failure_loader: DataLoader,

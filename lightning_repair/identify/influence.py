@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import (FISHER_DAMPING, AdapterLogits, batches, choose_backend, loss_gradient,
                                        natural_gradient, per_example_gradients)
+from lightning_repair.examples import Rows
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
 
 ScoringMethod = Literal["jvp", "backpack"]
@@ -85,7 +86,7 @@ def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence
                        adapter: BatchAdapter | None = None, progress: Progress = no_progress) -> Tensor:
     """∇ℓ(z; θ̂)ᵀ ``direction`` for every example of ``loader``, from per-example gradients (BackPACK, or
     ``torch.func`` where BackPACK cannot follow the model)."""
-    alignments = []
+    alignments = Rows(len(loader.dataset))
     adapter = adapter or BatchAdapter()
     # BackPACK where its first-order extensions follow the model, else torch.func: the same numbers.
     backend, _ = choose_backend(model, loader, "empirical", adapter)
@@ -93,7 +94,7 @@ def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence
         grads, _ = per_example_gradients(model, inputs, labels, adapter, backend=backend, check_values=index == 0)
         alignment = sum((g.flatten(1) * d.flatten()).sum(dim=1) for g, d in zip(grads, direction))
         alignments.append(alignment.detach())
-    return torch.cat(alignments).cpu() if alignments else torch.empty(0)
+    return alignments.tensor(torch.empty(0)).cpu()
 
 
 class ForwardADUnsupportedError(NotImplementedError):
@@ -140,7 +141,7 @@ def directional_derivatives(model: nn.Module, loader: DataLoader, direction: Seq
                          "parameters.")
     tangents = [d.detach().to(device=p.device, dtype=p.dtype) for (_, p), d in zip(named, direction)]
     call = AdapterLogits(model, adapter, checked=True)
-    derivatives = []
+    derivatives = Rows(len(loader.dataset))
     with torch.no_grad(), forward_ad.dual_level():
         duals = {name: forward_ad.make_dual(p.detach(), t) for (name, p), t in zip(named, tangents)}
         for index, (inputs, labels) in enumerate(batches(progress(loader, "repair: scoring"), model, adapter)):
@@ -156,9 +157,7 @@ def directional_derivatives(model: nn.Module, loader: DataLoader, direction: Seq
             losses = F.cross_entropy(logits, labels, reduction="none")
             tangent = forward_ad.unpack_dual(losses).tangent
             derivatives.append(torch.zeros_like(losses) if tangent is None else tangent)
-    if not derivatives:
-        return torch.empty(0)
-    return torch.cat(derivatives).cpu()
+    return derivatives.tensor(torch.empty(0)).cpu()
 
 
 def _alignment(model: nn.Module, loader: DataLoader, direction: Sequence[Tensor], *, method: ScoringMethod,

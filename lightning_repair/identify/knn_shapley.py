@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits
 from lightning_repair.distributed import SINGLE_PROCESS, Ranks
-from lightning_repair.examples import Examples
+from lightning_repair.examples import Examples, Rows
 from lightning_repair.identify.base import Progress, Scorer, ScoringInputs, no_progress
 from lightning_repair.params import last_linear_name
 
@@ -411,7 +411,7 @@ def embeddings(model: nn.Module, loader: DataLoader, module: str | None = None,
     captured: list[Tensor] = []
     layer = _embedding_layer(model, module)
     handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
-    features, labels = [], []
+    features, labels = Rows(len(loader.dataset)), Rows(len(loader.dataset))
     try:
         for index, (inputs, y) in enumerate(batches(progress(loader, "repair: embedding"), model, adapter)):
             checked_logits(model, inputs, y, adapter, check_values=index == 0)
@@ -419,7 +419,7 @@ def embeddings(model: nn.Module, loader: DataLoader, module: str | None = None,
             labels.append(y)
     finally:
         handle.remove()
-    return torch.cat(features), torch.cat(labels)
+    return features.tensor(torch.empty(0, 0)), labels.tensor(torch.empty(0, dtype=torch.long))
 
 
 def _shared_embeddings(model: nn.Module, loader: DataLoader, role: str, ranks: Ranks, module: str | None,
