@@ -45,7 +45,8 @@ class RoundRecord(Mapping):
     before (θ̂) and after the treatment; ``gain`` is the estimated change of validation accuracy on F_h and R, with
     its paired standard error. ``skipped`` says why a round stopped early; ``rollback`` why a treated one was not
     kept. ``control_*``: the same treatment run with nothing removed (the control, for treatments that train on
-    D \\ C), and the repair's gain over it on F_h and R. ``seconds_*`` time the phases.
+    D \\ C; run only for a repair that beat θ̂), and the repair's gain over it on F_h and R. ``seconds_*`` time the
+    phases; ``seconds_treatment`` includes the control's.
     """
 
     round: int
@@ -245,7 +246,8 @@ class _Round:
                                   removed_total=len(removed))
         self.backend = settings.backend
         self.head_cache: HeadCache | None = None
-        self.control: nn.Module | None = None  # the treatment's choice with nothing removed, when it moved
+        self.judge: Judge | None = None  # the treatment's judge on F_q and R_q, once it runs
+        self.fisher: list[Tensor] | None = None
         self.clock = _Clock()
 
     def run(self, epoch: int | None, global_step: int | None, flipped: Tensor | None,
@@ -368,33 +370,45 @@ class _Round:
         return Suspects(order, given, predicted)
 
     def treat(self, failures: FailureSet, labels: Tensor, fisher: list[Tensor] | None, causes: Tensor) -> None:
-        """Moves the repair copy from θ̂ to the treatment's choice among its candidates (judged on F_q and R_q); for a
-        treatment that trains on D \\ C, also runs the control: the same treatment on D, with nothing removed."""
-        settings, train = self.settings, self.train
-        without_causes = self.kept[~torch.isin(self.kept, causes)]
-        judge = Judge(self.model, self.correctness_on(failures.query, labels),
-                      self.correctness_on(failures.guard, labels), self.failure_share,
-                      margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop)
-
-        def treated(model: nn.Module, removed: Tensor, kept: Tensor) -> Choice:
-            generator = torch.Generator().manual_seed(self.seed)  # the control draws its batches as the repair does
-            choice = settings.treatment.treat(TreatmentInputs(
-                model=model, causes=train.subset(removed).loader(shuffle=len(removed) > 0, generator=generator),
-                kept=train.subset(kept).loader(shuffle=True, generator=generator), query=self.query, judge=judge,
-                fisher=fisher, n_train=len(self.kept), adapter=self.adapter, seed=self.seed))
-            self.ranks.broadcast(model)  # every rank treats alike; rank 0's result is the one
-            return choice
-
-        choice = treated(self.model, causes, without_causes)
+        """Moves the repair copy from θ̂ to the treatment's choice among its candidates (judged on F_q and R_q)."""
+        settings = self.settings
+        self.judge = Judge(self.model, self.correctness_on(failures.query, labels),
+                           self.correctness_on(failures.guard, labels), self.failure_share,
+                           margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop)
+        self.fisher = fisher
+        choice = self.treated(self.model, causes, self.kept[~torch.isin(self.kept, causes)])
         self.record.candidate, self.record.candidates_rated = choice.label, choice.rated
-        if settings.control_margin is not None and settings.treatment.trains_on_kept and choice.label is not None:
-            control = repair_copy(self.module, settings.params)
-            self.record.control_candidate = treated(control, causes[:0], self.kept).label
-            self.control = control if self.record.control_candidate is not None else None
+
+    def treated(self, model: nn.Module, removed: Tensor, kept: Tensor) -> Choice:
+        """``model``, a repair copy at θ̂, moved in place by the treatment with C = ``removed`` and D \\ C = ``kept``;
+        the repair and its control draw the same batches and are chosen by the same judge."""
+        generator = torch.Generator().manual_seed(self.seed)
+        choice = self.settings.treatment.treat(TreatmentInputs(
+            model=model, causes=self.train.subset(removed).loader(shuffle=len(removed) > 0, generator=generator),
+            kept=self.train.subset(kept).loader(shuffle=True, generator=generator), query=self.query,
+            judge=self.judge, fisher=self.fisher, n_train=len(self.kept), adapter=self.adapter, seed=self.seed))
+        self.ranks.broadcast(model)  # every rank treats alike; rank 0's result is the one
+        return choice
+
+    def needs_control(self) -> bool:
+        """Whether the repair must also beat its control: the treatment trains on D \\ C (a fine-tune on D gains
+        too), a control margin is set, and the treatment moved the weights."""
+        settings = self.settings
+        return (settings.rollback and settings.control_margin is not None and settings.treatment.trains_on_kept
+                and self.record.candidate is not None)
+
+    def control(self) -> nn.Module | None:
+        """The control: the same treatment from θ̂ with nothing removed; None when it kept θ̂ (nothing to beat)."""
+        start = time.perf_counter()
+        control = repair_copy(self.module, self.settings.params)
+        self.record.control_candidate = self.treated(control, self.kept[:0], self.kept).label
+        self.record.seconds_treatment += time.perf_counter() - start
+        return control if self.record.control_candidate is not None else None
 
     def accept(self, failures: FailureSet, before: Tensor, labels: Tensor, treated: bool) -> None:
         """The acceptance rule on F_h and R, the parts no method read: keep the repair, or roll it back. The repair
-        must beat θ̂ and, when a control ran, the control too: training it would have had anyway is not a repair."""
+        must beat θ̂ and, for a treatment that trains on D \\ C, its control too: training it would have had anyway
+        is not a repair. The control runs only for a repair that beat θ̂ (any other is rolled back anyway)."""
         settings, record = self.settings, self.record
         after = self.predictions_after() if self.moved() else before  # θ̂ kept: no prediction changed
         self.set_accuracies(failures, after, labels, "after")
@@ -408,11 +422,14 @@ class _Round:
         verdict = versus(before, settings.acceptance_margin)
         record.failure_share, record.gain, record.gain_standard_error = (
             self.failure_share, verdict.gain, verdict.standard_error)
-        control = (versus(self.predict(self.control)[0], settings.control_margin) if self.control is not None
-                   else None)
-        if control is not None:
-            record.control_gain, record.control_gain_standard_error = control.gain, control.standard_error
-        record.rollback = _rollback_reason(settings, verdict, control) if treated else None
+        record.rollback = _rollback_reason(settings, verdict) if treated else None
+        if record.rollback is None and treated and self.needs_control():
+            control = self.control()
+            if control is not None:
+                versus_control = versus(self.predict(control)[0], settings.control_margin)
+                record.control_gain, record.control_gain_standard_error = (
+                    versus_control.gain, versus_control.standard_error)
+                record.rollback = _rollback_reason(settings, verdict, versus_control)
         record.accepted = treated and record.rollback is None
         if record.rollback is not None:
             rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.")

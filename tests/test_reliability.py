@@ -390,15 +390,22 @@ def _final_state(callbacks: list[Callback], max_epochs: int = 3) -> dict:
 @pytest.mark.parametrize("repair", [
     RepairCallback(start_epoch=50),  # idle: only its per-epoch loss check runs
     RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0, every_n_epochs=1),
-    # Fine-tunes, and their controls, that move the repair copies and are all rolled back by an unreachable margin.
+    # Fine-tunes that move the repair copies and are all rolled back by an unreachable margin (no control runs then).
     RepairCallback(scorer=TrainingLoss(), treatment=ForcedFinetune(steps=5, eval_every=5), top_k=10, start_epoch=0,
                    every_n_epochs=1, acceptance_margin=1e6),
-], ids=["idle", "rolled_back", "fine_tuned_and_rolled_back"])
+    # Fine-tunes that beat θ̂, and their controls, all rolled back by an unreachable control margin.
+    RepairCallback(scorer=TrainingLoss(), treatment=ForcedFinetune(steps=5, eval_every=5), top_k=10, start_epoch=0,
+                   every_n_epochs=1, acceptance_margin=0.0, control_margin=1e6),
+], ids=["idle", "rolled_back", "fine_tuned_and_rolled_back", "fine_tuned_and_its_control_rolled_back"])
 def test_a_fit_whose_rounds_change_nothing_ends_exactly_as_a_plain_fit(repair):
     # Parameters, BatchNorm statistics and the RNG streams (dropout masks, batch order) all stay the user's own.
     plain = _final_state([])
     repaired = _final_state([repair])
     assert all(not r["accepted"] for r in repair.rounds)
     if isinstance(repair.treatment, ForcedFinetune):
-        assert all(r["candidate"] == 5 and r["control_candidate"] == 5 for r in repair.rounds)
+        assert all(r["candidate"] == 5 for r in repair.rounds)
+        # A control runs exactly for the repairs that beat θ̂ (margin 0: gain > 0); it moved like the repair.
+        beat_theta_hat = [repair.settings.acceptance_margin == 0 and r["gain"] > 0 for r in repair.rounds]
+        assert [r["control_candidate"] for r in repair.rounds] == [5 if beat else None for beat in beat_theta_hat]
+        assert any(beat_theta_hat) == (repair.settings.acceptance_margin == 0)
     assert same_state(plain, repaired)

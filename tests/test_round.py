@@ -215,6 +215,18 @@ def test_a_repair_that_beats_its_control_is_kept_with_the_gain_over_it_recorded(
     assert record.control_gain == pytest.approx(record.gain) and record.control_gain_standard_error > 0
 
 
+def test_a_repair_that_does_not_beat_theta_hat_is_rolled_back_without_running_its_control():
+    """The control costs a second fine-tune; a repair rolled back against θ̂ alone does not pay it."""
+    model, data, better = _undertrained_and_better()
+    worse = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}  # predicts one class
+    treatment = _Moves(worse, better)
+    record = RepairRound(scorer=TrainingLoss(), treatment=treatment, selection={"top_k": 15}).run(
+        model, data.train_dataloader(), data.val_dataloader()).record
+    assert treatment.given == [(15, 285)] and record.candidate == "moved"
+    assert not record.accepted and record.gain < 0 and "control" not in record.rollback
+    assert record.control_candidate is None and record.control_gain is None
+
+
 def test_only_treatments_that_train_on_the_kept_data_run_a_control():
     model, data, better = _undertrained_and_better()
     treatment = _Moves(better, better)
