@@ -95,6 +95,13 @@ class Rows:
         self.rows, self.filled = rows, 0
         self.buffer: Tensor | None = None
 
+    @classmethod
+    def of(cls, loader: Any) -> "Rows":
+        """Rows for a pass over ``loader``: its dataset's size where it has one (a DataLoader over a sized
+        dataset); any other iterable of batches starts from its first batch's size."""
+        dataset = getattr(loader, "dataset", None)
+        return cls(len(dataset) if isinstance(dataset, Sized) else 0)
+
     def append(self, part: Tensor) -> None:
         part = part.detach()
         if self.buffer is None:

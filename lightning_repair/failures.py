@@ -50,7 +50,7 @@ def predict(model: nn.Module, loader: DataLoader, adapter: BatchAdapter | None =
     """Predicted classes and given labels of every example of ``loader``, in order, on the CPU (one copy back at
     the end, none per batch)."""
     adapter = adapter or BatchAdapter()
-    predictions, labels = Rows(len(loader.dataset)), Rows(len(loader.dataset))
+    predictions, labels = Rows.of(loader), Rows.of(loader)
     for index, (inputs, y) in enumerate(batches(loader, model, adapter)):
         predictions.append(checked_logits(model, inputs, y, adapter, check_values=index == 0).argmax(dim=1))
         labels.append(y)

@@ -187,7 +187,7 @@ class HeadCache:
         or None where it cannot serve this model (the reason is logged)."""
         adapter = adapter or BatchAdapter()
         recorder: HeadRecorder | None = None
-        predictions = Rows(len(loader.dataset))
+        predictions = Rows.of(loader)
         try:
             for index, (inputs, labels) in enumerate(batches(loader, model, adapter)):
                 recorder = recorder or HeadRecorder(model, inputs, max_elements)

@@ -37,3 +37,14 @@ def test_rows_that_saw_fewer_batches_hold_only_what_was_written():
 def test_rows_of_a_pass_without_batches_are_the_given_empty_tensor():
     empty = torch.empty(0, dtype=torch.long)
     assert Rows(0).tensor(empty) is empty
+
+
+def test_rows_of_a_loader_are_sized_by_its_dataset_and_of_any_iterable_by_its_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    assert Rows.of(DataLoader(TensorDataset(torch.zeros(10, 2)), batch_size=4)).rows == 10
+    batches = [torch.ones(3), torch.ones(3), torch.ones(1)]  # a list of batches has no dataset
+    rows = Rows.of(batches)
+    for batch in batches:
+        rows.append(batch)
+    assert rows.rows == 0 and torch.equal(rows.tensor(torch.empty(0)), torch.ones(7))

@@ -27,7 +27,7 @@ def loss_change(before: nn.Module, after: nn.Module, loader: DataLoader, adapter
                 progress: Progress = no_progress) -> Tensor:
     """ℓ(z; after) − ℓ(z; before) for every example of ``loader``, in order."""
     adapter = adapter or BatchAdapter()
-    changes = Rows(len(loader.dataset))
+    changes = Rows.of(loader)
     for index, (inputs, labels) in enumerate(batches(progress(loader, "repair: scoring"), before, adapter)):
         first = index == 0  # value checks read back to the host: the first batch only
         loss_after = F.cross_entropy(checked_logits(after, inputs, labels, adapter, check_values=first), labels,

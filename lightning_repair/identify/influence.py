@@ -86,7 +86,7 @@ def gradient_alignment(model: nn.Module, loader: DataLoader, direction: Sequence
                        adapter: BatchAdapter | None = None, progress: Progress = no_progress) -> Tensor:
     """∇ℓ(z; θ̂)ᵀ ``direction`` for every example of ``loader``, from per-example gradients (BackPACK, or
     ``torch.func`` where BackPACK cannot follow the model)."""
-    alignments = Rows(len(loader.dataset))
+    alignments = Rows.of(loader)
     adapter = adapter or BatchAdapter()
     # BackPACK where its first-order extensions follow the model, else torch.func: the same numbers.
     backend, _ = choose_backend(model, loader, "empirical", adapter)
@@ -141,7 +141,7 @@ def directional_derivatives(model: nn.Module, loader: DataLoader, direction: Seq
                          "parameters.")
     tangents = [d.detach().to(device=p.device, dtype=p.dtype) for (_, p), d in zip(named, direction)]
     call = AdapterLogits(model, adapter, checked=True)
-    derivatives = Rows(len(loader.dataset))
+    derivatives = Rows.of(loader)
     with torch.no_grad(), forward_ad.dual_level():
         duals = {name: forward_ad.make_dual(p.detach(), t) for (name, p), t in zip(named, tangents)}
         for index, (inputs, labels) in enumerate(batches(progress(loader, "repair: scoring"), model, adapter)):

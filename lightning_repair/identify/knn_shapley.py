@@ -411,7 +411,7 @@ def embeddings(model: nn.Module, loader: DataLoader, module: str | None = None,
     captured: list[Tensor] = []
     layer = _embedding_layer(model, module)
     handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].flatten(1)))
-    features, labels = Rows(len(loader.dataset)), Rows(len(loader.dataset))
+    features, labels = Rows.of(loader), Rows.of(loader)
     try:
         for index, (inputs, y) in enumerate(batches(progress(loader, "repair: embedding"), model, adapter)):
             checked_logits(model, inputs, y, adapter, check_values=index == 0)
