@@ -89,6 +89,7 @@ def _repair(scorer: str | None = None, treatment: str | None = None, **settings:
 REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair": _repair(),
     "repair_no_control": _repair(control_margin=None),  # the defaults before the control fine-tune
+    "repair_start_1": _repair(start_epoch=1),  # the defaults before the earliest start became epoch 3 (`50k`)
     "repair_control_margin_2": _repair(control_margin=2.0),
     "repair_ewc": _repair(treatment="EWCUnlearning"),
     "repair_ewc_start_1": _repair(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
@@ -119,6 +120,7 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_margin_1": "RepairCallback(treatment=EWCUnlearning(), start_epoch=1, acceptance_margin=1)",
           "repair_start_15": "RepairCallback(treatment=EWCUnlearning(), start_epoch=15)",
           "repair_start_31": "RepairCallback(treatment=EWCUnlearning(), start_epoch=31)",
+          "repair_start_1": "RepairCallback(start_epoch=1), the defaults before the later start",
           "cleanlab": f"cleanlab ({CLEANLAB_FOLDS}-fold) + retrain", "small_loss": "small-loss selection (true τ)"}
 
 
@@ -412,7 +414,9 @@ def _pair_with_own_machine(records: list[dict[str, Any]], others: Path, setting:
            for other in (json.loads(path.read_text()) for path in sorted(others.glob(f"{setting.tag}_plain*.json")))}
     for record in records:
         if plain is not None and record is not plain and machine(record) in own and machine(record) != machine(plain):
-            record["paired_plain"] = {key: own[machine(record)][key] for key in ("test", "seconds", "environment")}
+            record["paired_plain"] = {key: own[machine(record)][key] for key in ("test", "seconds", "environment",
+                                                                               "validation_accuracy")
+                                      if key in own[machine(record)]}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

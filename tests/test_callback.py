@@ -107,19 +107,21 @@ def test_scheduled_epochs(start, every, up_to, expected):
 
 @pytest.mark.parametrize("max_epochs, start", [
     (150, 15),  # 3k-mem: rounds after epochs 15, 31, 63 and 127
-    (10, 1),    # 50k: as with start_epoch=1
-    (5, 1), (30, 3),
-    (None, 1),  # a fit bounded by max_steps alone
-    (-1, 1),    # an endless fit
+    (10, 3),    # 50k: rounds after epochs 3 and 7
+    (5, 3), (30, 3), (50, 5),
+    (4, 3), (3, 2), (2, 1),  # short fits: at the latest after the last epoch
+    (1, 1),     # a one-epoch fit gets no round (as before: none after epoch 0 by default)
+    (None, 3),  # a fit bounded by max_steps alone
+    (-1, 3),    # an endless fit
 ])
-def test_the_default_start_is_a_tenth_of_the_fit(max_epochs, start):
+def test_the_default_start_is_a_tenth_of_the_fit_at_least_epoch_3(max_epochs, start):
     assert default_start_epoch(max_epochs) == start
 
 
 def test_the_default_start_follows_the_trainers_max_epochs(tmp_path):
     repair = RepairCallback(top_k=5, fisher_samples=32, rollback=False)
     fit(tmp_path, repair, max_epochs=20)
-    assert [r["epoch"] for r in repair.rounds] == [2, 5, 11]
+    assert [r["epoch"] for r in repair.rounds] == [3, 7, 15]  # a tenth is 2: at least epoch 3
 
 
 def test_default_schedule_doubles_the_gaps_in_a_fit(tmp_path):

@@ -63,7 +63,7 @@ def test_main_config(capsys: pytest.CaptureFixture) -> None:
     init_args = repair_callback(config)
     assert {key: init_args[key]["class_path"] for key in MAIN_METHODS} == MAIN_METHODS
     assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher"],
-            init_args["fisher_samples"], init_args["control_margin"]) == (0, 0.02, "mc", 1000, 0.0)
+            init_args["fisher_samples"], init_args["control_margin"]) == (None, None, "mc", 1000, 0.0)
     assert config["trainer"]["max_epochs"] == 5
     assert config["model"]["class_path"] == "lightning_repair.models.ImageClassifier"
     assert config["data"]["class_path"] == "lightning_repair.data.FashionMNISTDataModule"
@@ -75,9 +75,8 @@ def test_method_file_composes_with_main_config(capsys: pytest.CaptureFixture, me
     init_args = repair_callback(printed_config(capsys, MAIN, CONFIGS / method_file))
     role, class_path = METHODS[method_file]
     assert {key: init_args[key]["class_path"] for key in MAIN_METHODS} == {**MAIN_METHODS, role: class_path}
-    # The main config's other settings survive; KNN-Shapley alone clears top_fraction to use its own rule.
-    top_fraction = None if class_path.endswith("KNNShapley") else 0.02
-    assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher_samples"]) == (0, top_fraction, 1000)
+    # The main config's other settings survive (its selection is each scorer's own rule).
+    assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher_samples"]) == (None, None, 1000)
 
 
 def test_defaults_and_any_lightning_module(capsys: pytest.CaptureFixture) -> None:
@@ -108,5 +107,5 @@ def test_composed_config_instantiates(tmp_path: Path) -> None:
     assert isinstance(callback.scorer, KNNShapley) and isinstance(callback.treatment, NewtonRemoval)
     assert callback.scorer.utility == "trusted"
     assert callback.selection == {"threshold": KNNShapley.natural_threshold}  # value < 0, the scorer's rule
-    assert (callback.start_epoch, callback.settings.fisher_samples) == (0, 1000)
+    assert (callback.start_epoch, callback.settings.fisher_samples) == (None, 1000)
     assert cli.datamodule.train_dataset is None  # nothing read before `fit` calls setup
