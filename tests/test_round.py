@@ -19,7 +19,7 @@ from lightning_repair.failures import predict
 from lightning_repair.identify import TrainingLoss
 from lightning_repair import round as round_module
 from lightning_repair.round import RepairRound, RoundRecord
-from lightning_repair.treat import EWCUnlearning, Finetune, NewtonRemoval, TreatmentInputs
+from lightning_repair.treat import BestOf, EWCUnlearning, Finetune, NewtonRemoval, TreatmentInputs
 
 
 def _trained_blobs(epochs: int = 3) -> tuple[TinyClassifier, BlobsDataModule]:
@@ -236,6 +236,8 @@ def test_only_treatments_that_train_on_the_kept_data_run_a_control():
     assert treatment.given == [(15, 285)] and record.accepted and record.control_gain is None
     assert Finetune().trains_on_kept and NewtonRemoval().trains_on_kept  # both step down the loss of D \\ C
     assert not EWCUnlearning().trains_on_kept and not NewtonRemoval(step="influence").trains_on_kept
+    # BestOf trains on D \\ C when any of its treatments does (its default list holds Finetune).
+    assert BestOf().trains_on_kept and not BestOf(treatments=[EWCUnlearning()]).trains_on_kept
 
 
 def test_newton_removal_with_nothing_removed_steps_on_the_loss_of_all_of_d():

@@ -38,6 +38,12 @@ class BestOf(Treatment):
     def needs_fisher(self) -> bool:  # type: ignore[override]
         return any(t.needs_fisher for t in self.treatments)
 
+    @property
+    def trains_on_kept(self) -> bool:  # type: ignore[override]
+        """Whether any of its treatments trains on D \\ C: then the round's control runs BestOf with nothing
+        removed, and the repair must beat the best of those treatments on all of D."""
+        return any(t.trains_on_kept for t in self.treatments)
+
     def candidates(self, inputs: TreatmentInputs) -> Iterator[str]:
         """Every treatment's candidates in turn, each treatment starting from θ̂."""
         parameters = trainable(inputs.model)
