@@ -44,11 +44,18 @@ class BestOf(Treatment):
         removed, and the repair must beat the best of those treatments on all of D."""
         return any(t.trains_on_kept for t in self.treatments)
 
+    def applicable(self, inputs: TreatmentInputs) -> list[Treatment]:
+        """The treatments to run: all of them, or with nothing removed (the round's control) those that train on
+        D \\ C; the others have nothing to take out."""
+        if len(inputs.causes.dataset) > 0:
+            return self.treatments
+        return [t for t in self.treatments if t.trains_on_kept]
+
     def candidates(self, inputs: TreatmentInputs) -> Iterator[str]:
         """Every treatment's candidates in turn, each treatment starting from θ̂."""
         parameters = trainable(inputs.model)
         start = detached(parameters)
-        for treatment in self.treatments:
+        for treatment in self.applicable(inputs):
             assign_(parameters, start)
             for label in treatment.candidates(inputs):
                 yield f"{type(treatment).__name__}:{label}"
@@ -57,7 +64,7 @@ class BestOf(Treatment):
         parameters = trainable(inputs.model)
         start = detached(parameters)
         best, best_parameters, rated = Choice(None, 0.0, 0), start, 0
-        for treatment in self.treatments:
+        for treatment in self.applicable(inputs):
             assign_(parameters, start)
             choice = choose(inputs.model, treatment.candidates(inputs), inputs.judge, treatment.patience)
             rated += choice.rated
