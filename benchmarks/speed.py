@@ -247,10 +247,9 @@ def resnet_report(results: list[dict], n: int) -> list[str]:
              "images, `Trainer.fit` of one epoch from the same initial weights, then one round "
              f"(`RepairCallback(start_epoch=0, top_fraction={TOP_FRACTION}, batch_size={REPAIR_BATCH}, ...)`, "
              "defaults otherwise: KNN-Shapley (trusted) + fine-tuning on D \\ C and its control). One run each; "
-             "every ratio is to the "
-             "same fit's training epoch. The Fisher averages over `fisher_samples` (1,000) examples whatever N, so "
-             "at a small N it dominates the whole network's round; with `params=['net.fc']` BackPACK follows the "
-             "head alone (the body needs no gradient).", "",
+             "every ratio is to the same fit's training epoch. The Fisher averages over `fisher_samples` (1,000) "
+             "examples whatever N, so at a small N it dominates the whole network's round; with "
+             "`params=['net.fc']` BackPACK follows the head alone (the body needs no gradient).", "",
              "| configuration | backend used | training epoch (s) | round (s) | round ÷ epoch | Fisher | scores | "
              "treatment |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results:
