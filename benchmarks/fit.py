@@ -105,8 +105,10 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
 }
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
-RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPAIR_RUNS if r != "repair"])
+RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPAIR_RUNS if r != "repair"],
+        "oracle_removal")
 LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair": "RepairCallback() defaults",
+          "oracle_removal": "oracle removal (D without its flips, from the start)",
           "repair_no_control": "RepairCallback(control_margin=None), the defaults before the control",
           "repair_control_margin_2": "RepairCallback(control_margin=2)",
           "repair_ewc": "RepairCallback(treatment=EWCUnlearning())",
@@ -305,6 +307,11 @@ def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
             history, seconds = _fit(setting, _datamodule(setting, setting.protocol, kept=kept), model, [],
                                     Path(root))
             details["cross_validation_seconds"] = extra_seconds
+        elif run == "oracle_removal":  # what removing data can buy at best: exactly the flips, before epoch 0
+            removed = flipped.sort().values
+            model = _new_classifier(setting.seed)
+            kept = complement(len(noisy.train_dataset), removed)
+            history, seconds = _fit(setting, _datamodule(setting, setting.protocol, kept=kept), model, [], Path(root))
         else:
             data = _datamodule(setting, "none") if run == "oracle" else noisy
             model = _new_classifier(setting.seed)

@@ -87,7 +87,7 @@ def tiny_regime(tmp_path, monkeypatch):
     return fit
 
 
-@pytest.mark.parametrize("run", ["plain", "oracle", "repair", "cleanlab", "small_loss"])
+@pytest.mark.parametrize("run", ["plain", "oracle", "repair", "cleanlab", "small_loss", "oracle_removal"])
 def test_each_run_is_one_fit_with_its_figures(tiny_regime, run):
     record = tiny_regime.run_one(tiny_regime.Setting("pairs", "tiny", 0, 2), run, threads=1)
     assert 0.0 <= record["test"] <= 1.0
@@ -101,6 +101,23 @@ def test_each_run_is_one_fit_with_its_figures(tiny_regime, run):
         assert record["removed"] > 0 and 0 < record["forget_rate"] < 1
     if run == "repair":
         assert [r["epoch"] for r in record["rounds"]] == [1]  # the default schedule: after 2 epochs
+    if run == "oracle_removal":
+        assert record["removed"] == record["n_flipped"] and record["precision"] == record["recall"] == 1.0
+
+
+def test_oracle_removal_trains_on_exactly_the_unflipped_examples(tiny_regime, monkeypatch):
+    trained_on = []
+    fit = tiny_regime._fit
+
+    def recording_fit(setting, data, model, callbacks, root, validate=True):
+        trained_on.append(sorted(data.train_dataloader().dataset.indices))  # a Subset of the noisy training set
+        return fit(setting, data, model, callbacks, root, validate)
+
+    monkeypatch.setattr(tiny_regime, "_fit", recording_fit)
+    setting = tiny_regime.Setting("pairs", "tiny", 0, 2)
+    record = tiny_regime.run_one(setting, "oracle_removal", threads=1)
+    flipped = set(tiny_regime._datamodule(setting, "pairs").flipped_indices.tolist())
+    assert trained_on == [sorted(set(range(record["n_train"])) - flipped)]
 
 
 def test_plain_runs_of_a_setting_start_from_the_same_weights(tiny_regime):
