@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from benchmarks.environment import environment, peak_memory_mb
 from benchmarks.report import write_json
 from benchmarks.repair import complement
 from benchmarks.training import epoch_overrides
+from lightning_repair.identify.base import Scorer, ScoringInputs
 
 BENCHMARKS = Path(__file__).resolve().parent
 CACHE = BENCHMARKS / "cache" / "fit"
@@ -103,12 +104,35 @@ REPAIR_RUNS: dict[str, Callable[[], list]] = {
     "repair_start_15": _repair(treatment="EWCUnlearning", start_epoch=15),
     "repair_start_31": _repair(treatment="EWCUnlearning", start_epoch=31),
 }
+
+
+@dataclass(kw_only=True)
+class FlipOracle(Scorer):
+    """Benchmark only: a perfect detector, which scores the recorded flips 1 and every other example 0, so that the
+    callback's own rule (score > 0.5) takes exactly the flips still in training. With the callback's default
+    schedule, treatment and acceptance rule it shows what they make of a perfect cause set."""
+
+    flipped: Tensor = field(repr=False)
+    natural_threshold = 0.5
+
+    def score(self, inputs: ScoringInputs) -> Tensor:
+        indices = torch.as_tensor(inputs.train.dataset.indices)  # the round scores a Subset of the training set
+        return torch.isin(indices, self.flipped).float()
+
+
+def _repair_with_flip_oracle(flipped: Tensor) -> list:
+    from lightning_repair import RepairCallback
+
+    return [RepairCallback(scorer=FlipOracle(flipped=flipped))]
+
+
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
 RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPAIR_RUNS if r != "repair"],
-        "oracle_removal")
+        "oracle_removal", "repair_flip_oracle")
 LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair": "RepairCallback() defaults",
           "oracle_removal": "oracle removal (D without its flips, from the start)",
+          "repair_flip_oracle": "RepairCallback(scorer=a perfect detector), defaults otherwise",
           "repair_no_control": "RepairCallback(control_margin=None), the defaults before the control",
           "repair_control_margin_2": "RepairCallback(control_margin=2)",
           "repair_ewc": "RepairCallback(treatment=EWCUnlearning())",
@@ -315,7 +339,8 @@ def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
         else:
             data = _datamodule(setting, "none") if run == "oracle" else noisy
             model = _new_classifier(setting.seed)
-            callbacks = REPAIR_RUNS[run]() if run in REPAIR_RUNS else []
+            callbacks = (REPAIR_RUNS[run]() if run in REPAIR_RUNS
+                         else _repair_with_flip_oracle(flipped) if run == "repair_flip_oracle" else [])
             history, seconds = _fit(setting, data, model, callbacks, Path(root))
             if callbacks:
                 callback = callbacks[0]

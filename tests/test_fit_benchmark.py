@@ -87,7 +87,8 @@ def tiny_regime(tmp_path, monkeypatch):
     return fit
 
 
-@pytest.mark.parametrize("run", ["plain", "oracle", "repair", "cleanlab", "small_loss", "oracle_removal"])
+@pytest.mark.parametrize("run", ["plain", "oracle", "repair", "cleanlab", "small_loss", "oracle_removal",
+                                 "repair_flip_oracle"])
 def test_each_run_is_one_fit_with_its_figures(tiny_regime, run):
     record = tiny_regime.run_one(tiny_regime.Setting("pairs", "tiny", 0, 2), run, threads=1)
     assert 0.0 <= record["test"] <= 1.0
@@ -103,6 +104,9 @@ def test_each_run_is_one_fit_with_its_figures(tiny_regime, run):
         assert [r["epoch"] for r in record["rounds"]] == [1]  # the default schedule: after 2 epochs
     if run == "oracle_removal":
         assert record["removed"] == record["n_flipped"] and record["precision"] == record["recall"] == 1.0
+    if run == "repair_flip_oracle":  # a perfect detector: every round's causes are exactly the flips
+        [only] = record["rounds"]
+        assert only["precision"] == 1.0 and only["causes"] == record["n_flipped"]
 
 
 def test_oracle_removal_trains_on_exactly_the_unflipped_examples(tiny_regime, monkeypatch):
