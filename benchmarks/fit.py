@@ -69,41 +69,23 @@ REGIMES = {"3k-mem": FitRegime("3k-mem", 3000, 150), "50k": FitRegime("50k", Non
 PROTOCOLS = ("pairs", "symmetric")
 
 
-def _repair(scorer: str | None = None, treatment: str | None = None, **settings: Any) -> Callable[[], list]:
-    """The callback with a scorer and treatment named as in ``lightning_repair`` (None: its default) and other
-    settings as given."""
-    def callbacks() -> list:
+def _repair(scorer: str | None = None, treatment: str | None = None, treatment_settings: dict[str, Any] | None = None,
+            **settings: Any) -> Callable[[Tensor], list]:
+    """The callback with a scorer and treatment named as in ``lightning_repair`` (None: its default; scorer
+    ``"FlipOracle"``: a perfect detector of the setting's ``flipped`` examples), the treatment's settings and the
+    callback's other settings as given."""
+    def callbacks(flipped: Tensor) -> list:
         from lightning_repair import RepairCallback, identify, treat
 
         arguments = dict(settings)
-        if scorer is not None:
+        if scorer == "FlipOracle":
+            arguments["scorer"] = FlipOracle(flipped=flipped)
+        elif scorer is not None:
             arguments["scorer"] = getattr(identify, scorer)()
         if treatment is not None:
-            arguments["treatment"] = getattr(treat, treatment)()
+            arguments["treatment"] = getattr(treat, treatment)(**(treatment_settings or {}))
         return [RepairCallback(**arguments)]
     return callbacks
-
-
-# The callback's runs: its defaults, each configuration the README recommends, the other treatments, and the
-# variants the defaults were chosen against (each names its treatment and start, so it keeps its meaning when a
-# default changes).
-REPAIR_RUNS: dict[str, Callable[[], list]] = {
-    "repair": _repair(),
-    "repair_no_control": _repair(control_margin=None),  # the defaults before the control fine-tune
-    "repair_start_1": _repair(start_epoch=1),  # the defaults before the earliest start became epoch 3 (`50k`)
-    "repair_control_margin_2": _repair(control_margin=2.0),
-    "repair_ewc": _repair(treatment="EWCUnlearning"),
-    "repair_ewc_start_1": _repair(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
-    "repair_newton": _repair(treatment="NewtonRemoval"),
-    "repair_energy_alignment": _repair(treatment="EnergyAlignment"),
-    "repair_best_of": _repair(treatment="BestOf"),
-    "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
-    "repair_training_loss_finetune_no_control": _repair(scorer="TrainingLoss", treatment="Finetune",
-                                                       control_margin=None),
-    "repair_margin_1": _repair(treatment="EWCUnlearning", start_epoch=1, acceptance_margin=1.0),
-    "repair_start_15": _repair(treatment="EWCUnlearning", start_epoch=15),
-    "repair_start_31": _repair(treatment="EWCUnlearning", start_epoch=31),
-}
 
 
 @dataclass(kw_only=True)
@@ -120,19 +102,43 @@ class FlipOracle(Scorer):
         return torch.isin(indices, self.flipped).float()
 
 
-def _repair_with_flip_oracle(flipped: Tensor) -> list:
-    from lightning_repair import RepairCallback
-
-    return [RepairCallback(scorer=FlipOracle(flipped=flipped))]
-
+# The callback's runs: its defaults, each configuration the README recommends, the other treatments, and the
+# variants the defaults were chosen against (each names its treatment and start, so it keeps its meaning when a
+# default changes).
+REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
+    "repair": _repair(),
+    "repair_no_control": _repair(control_margin=None),  # the defaults before the control fine-tune
+    "repair_start_1": _repair(start_epoch=1),  # the defaults before the earliest start became epoch 3 (`50k`)
+    "repair_control_margin_2": _repair(control_margin=2.0),
+    "repair_ewc": _repair(treatment="EWCUnlearning"),
+    "repair_ewc_start_1": _repair(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
+    "repair_newton": _repair(treatment="NewtonRemoval"),
+    "repair_energy_alignment": _repair(treatment="EnergyAlignment"),
+    "repair_best_of": _repair(treatment="BestOf"),
+    "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
+    "repair_training_loss_finetune_no_control": _repair(scorer="TrainingLoss", treatment="Finetune",
+                                                       control_margin=None),
+    "repair_margin_1": _repair(treatment="EWCUnlearning", start_epoch=1, acceptance_margin=1.0),
+    "repair_start_15": _repair(treatment="EWCUnlearning", start_epoch=15),
+    "repair_start_31": _repair(treatment="EWCUnlearning", start_epoch=31),
+    # The defaults given a perfect detector (a bound, not a method), and a gentler fine-tune (fresh Adam's first
+    # steps move every weight by about lr) with and without one.
+    "repair_flip_oracle": _repair(scorer="FlipOracle"),
+    "repair_finetune_lr_1e-4": _repair(treatment="Finetune", treatment_settings={"lr": 1e-4}),
+    "repair_flip_oracle_finetune_lr_1e-4": _repair(scorer="FlipOracle", treatment="Finetune",
+                                                   treatment_settings={"lr": 1e-4}),
+}
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
 # Most informative first: when a budget runs out, the comparisons that matter most are done.
 RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPAIR_RUNS if r != "repair"],
-        "oracle_removal", "repair_flip_oracle")
+        "oracle_removal")
 LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair": "RepairCallback() defaults",
           "oracle_removal": "oracle removal (D without its flips, from the start)",
           "repair_flip_oracle": "RepairCallback(scorer=a perfect detector), defaults otherwise",
+          "repair_finetune_lr_1e-4": "RepairCallback(treatment=Finetune(lr=1e-4))",
+          "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
+                                                 "treatment=Finetune(lr=1e-4))",
           "repair_no_control": "RepairCallback(control_margin=None), the defaults before the control",
           "repair_control_margin_2": "RepairCallback(control_margin=2)",
           "repair_ewc": "RepairCallback(treatment=EWCUnlearning())",
@@ -339,8 +345,7 @@ def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
         else:
             data = _datamodule(setting, "none") if run == "oracle" else noisy
             model = _new_classifier(setting.seed)
-            callbacks = (REPAIR_RUNS[run]() if run in REPAIR_RUNS
-                         else _repair_with_flip_oracle(flipped) if run == "repair_flip_oracle" else [])
+            callbacks = REPAIR_RUNS[run](flipped) if run in REPAIR_RUNS else []
             history, seconds = _fit(setting, data, model, callbacks, Path(root))
             if callbacks:
                 callback = callbacks[0]
