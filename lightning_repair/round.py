@@ -422,7 +422,9 @@ class _Round:
         verdict = versus(before, settings.acceptance_margin)
         record.failure_share, record.gain, record.gain_standard_error = (
             self.failure_share, verdict.gain, verdict.standard_error)
-        record.rollback = _rollback_reason(settings, verdict) if treated else None
+        record.rollback = (None if not treated
+                           else _kept_theta_hat(settings, record.candidates_rated) if record.candidate is None
+                           else _rollback_reason(settings, verdict))
         if record.rollback is None and treated and self.needs_control():
             control = self.control()
             if control is not None:
@@ -479,6 +481,16 @@ def precision(removed: Tensor, flipped: Tensor) -> float | None:
     if len(removed) == 0:
         return None
     return float(torch.isin(removed, torch.as_tensor(flipped)).float().mean())
+
+
+def _kept_theta_hat(settings: RepairRound, rated: int | None) -> str | None:
+    """Why a round whose treatment chose θ̂ itself is rolled back (it moved nothing), or None without rollback."""
+    if not settings.rollback:
+        return None
+    rated = rated or 0
+    return (f"the treatment kept θ̂: it rated {rated} candidate{'s' * (rated != 1)} and none raised estimated "
+            f"validation accuracy on F_q and R_q by more than {settings.acceptance_margin:g} × its paired standard "
+            "error")
 
 
 def _rollback_reason(settings: RepairRound, verdict: Verdict, control: Verdict | None = None) -> str | None:

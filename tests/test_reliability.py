@@ -71,8 +71,21 @@ def test_round_that_changes_nothing_is_rolled_back():
     # A tie keeps θ̂: removing causes without a repair that shows a gain is not a repair.
     repair = RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=10, start_epoch=0)
     run(repair, max_epochs=2)
-    assert all(not r["accepted"] and r["gain"] == 0 and "+0.0000" in r["rollback"] for r in repair.rounds)
+    assert all(not r["accepted"] and r["gain"] == 0 and r["rollback"].startswith("the treatment kept θ̂")
+               for r in repair.rounds)
     assert repair.removed_indices == []
+
+
+def test_a_fine_tune_none_of_whose_candidates_passes_the_judge_says_so():
+    # The judge on F_q and R_q rejects every candidate at this margin: the treatment keeps θ̂, and the record says
+    # why in those terms, not as a gain of +0.0000 on F_h and R.
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Finetune(steps=20, eval_every=5), top_k=10,
+                            start_epoch=0, acceptance_margin=1e6)
+    run(repair, max_epochs=1)
+    [record] = repair.rounds
+    assert record.candidate is None and record.candidates_rated == 4 and not record.accepted
+    assert record.rollback == ("the treatment kept θ̂: it rated 4 candidates and none raised estimated validation "
+                               "accuracy on F_q and R_q by more than 1e+06 × its paired standard error")
 
 
 def test_cap_on_r_is_off_by_default_and_named_when_it_rejects():
