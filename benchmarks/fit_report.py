@@ -115,11 +115,11 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
                 "same `--jobs`, side by side); each run's machine is in `fit.json`. *Peak MB*: the GPU's peak "
                 "allocation on CUDA, the process's peak resident memory on the CPU. That CPU peak varies between "
                 "runs of one fit by more than a repair round adds (the README gives a measured case); `speed.md` "
-                "measures a round's memory under control. Two runs are no method a user could run, but bounds: "
-                "*oracle removal* trains on D without its recorded flips from the start (the most any repair that "
-                "removes data could buy), and *a perfect detector* is the callback with its default schedule, "
-                "treatment and acceptance rule given exactly the flips as causes each round (what those make of a "
-                "perfect cause set)."]
+                "measures a round's memory under control. The runs that read the recorded flips are bounds, not "
+                "methods a user could run: *oracle removal* trains on D without its flips from the start (the most "
+                "a repair that removes data could buy), and *a perfect detector* is the callback given exactly the "
+                "flips as causes each round, with its default schedule, treatment and acceptance rule unless the "
+                "row says otherwise (what those make of a perfect cause set)."]
     for (protocol, regime), runs in sorted(grouped.items()):
         summary = summaries[f"{protocol}_{regime}"]
         order = [run for run in RUNS if run in summary]
