@@ -124,6 +124,7 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     # The defaults given a perfect detector (a bound, not a method), and a gentler fine-tune (fresh Adam's first
     # steps move every weight by about lr) with and without one.
     "repair_flip_oracle": _repair(scorer="FlipOracle"),
+    "repair_flip_oracle_no_rollback": _repair(scorer="FlipOracle", rollback=False),  # what the gate costs
     "repair_finetune_lr_1e-4": _repair(treatment="Finetune", treatment_settings={"lr": 1e-4}),
     "repair_flip_oracle_finetune_lr_1e-4": _repair(scorer="FlipOracle", treatment="Finetune",
                                                    treatment_settings={"lr": 1e-4}),
@@ -136,6 +137,7 @@ RUNS = ("plain", "repair", "oracle", "small_loss", "cleanlab", *[r for r in REPA
 LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair": "RepairCallback() defaults",
           "oracle_removal": "oracle removal (D without its flips, from the start)",
           "repair_flip_oracle": "RepairCallback(scorer=a perfect detector), defaults otherwise",
+          "repair_flip_oracle_no_rollback": "RepairCallback(scorer=a perfect detector, rollback=False)",
           "repair_finetune_lr_1e-4": "RepairCallback(treatment=Finetune(lr=1e-4))",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",
