@@ -121,11 +121,10 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_margin_1": _repair(treatment="EWCUnlearning", start_epoch=1, acceptance_margin=1.0),
     "repair_start_15": _repair(treatment="EWCUnlearning", start_epoch=15),
     "repair_start_31": _repair(treatment="EWCUnlearning", start_epoch=31),
-    # The defaults given a perfect detector (a bound, not a method), and a gentler fine-tune (fresh Adam's first
-    # steps move every weight by about lr) with and without one.
+    # Bounds, not methods: the defaults given a perfect detector, without their gate, and with a gentler fine-tune
+    # (fresh Adam's first steps move every weight by about lr).
     "repair_flip_oracle": _repair(scorer="FlipOracle"),
     "repair_flip_oracle_no_rollback": _repair(scorer="FlipOracle", rollback=False),  # what the gate costs
-    "repair_finetune_lr_1e-4": _repair(treatment="Finetune", treatment_settings={"lr": 1e-4}),
     "repair_flip_oracle_finetune_lr_1e-4": _repair(scorer="FlipOracle", treatment="Finetune",
                                                    treatment_settings={"lr": 1e-4}),
 }
@@ -138,7 +137,6 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "oracle_removal": "oracle removal (D without its flips, from the start)",
           "repair_flip_oracle": "RepairCallback(scorer=a perfect detector), defaults otherwise",
           "repair_flip_oracle_no_rollback": "RepairCallback(scorer=a perfect detector, rollback=False)",
-          "repair_finetune_lr_1e-4": "RepairCallback(treatment=Finetune(lr=1e-4))",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",
           "repair_no_control": "RepairCallback(control_margin=None), the defaults before the control",
