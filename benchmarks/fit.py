@@ -307,6 +307,15 @@ def _new_classifier(seed: int):
     return ImageClassifier()
 
 
+def _retrain_without(setting: Setting, removed: Tensor, n_train: int, root: Path) -> tuple[nn.Module, list[float],
+                                                                                       float]:
+    """A fresh classifier (the setting's initial weights) fit on the noisy D without ``removed``."""
+    model = _new_classifier(setting.seed)
+    kept = complement(n_train, removed)
+    history, seconds = _fit(setting, _datamodule(setting, setting.protocol, kept=kept), model, [], root)
+    return model, history, seconds
+
+
 def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
     """One run of one setting, in this process; returns its figures."""
     torch.set_num_threads(threads)
@@ -332,16 +341,11 @@ def run_one(setting: Setting, run: str, threads: int) -> dict[str, Any]:
             labels = noisy.train_dataset.labels
             _, removed = cleanlab_issues(labels, probabilities)
             extra_seconds = time.perf_counter() - start
-            kept = complement(len(labels), removed)
-            model = _new_classifier(setting.seed)
-            history, seconds = _fit(setting, _datamodule(setting, setting.protocol, kept=kept), model, [],
-                                    Path(root))
+            model, history, seconds = _retrain_without(setting, removed, len(labels), Path(root))
             details["cross_validation_seconds"] = extra_seconds
         elif run == "oracle_removal":  # what removing data can buy at best: exactly the flips, before epoch 0
-            removed = flipped.sort().values
-            model = _new_classifier(setting.seed)
-            kept = complement(len(noisy.train_dataset), removed)
-            history, seconds = _fit(setting, _datamodule(setting, setting.protocol, kept=kept), model, [], Path(root))
+            removed = flipped
+            model, history, seconds = _retrain_without(setting, removed, len(noisy.train_dataset), Path(root))
         else:
             data = _datamodule(setting, "none") if run == "oracle" else noisy
             model = _new_classifier(setting.seed)

@@ -422,9 +422,8 @@ class _Round:
         verdict = versus(before, settings.acceptance_margin)
         record.failure_share, record.gain, record.gain_standard_error = (
             self.failure_share, verdict.gain, verdict.standard_error)
-        record.rollback = (None if not treated
-                           else _kept_theta_hat(settings, record.candidates_rated) if record.candidate is None
-                           else _rollback_reason(settings, verdict))
+        rated = (record.candidates_rated or 0) if record.candidate is None else None  # None: the treatment moved
+        record.rollback = _rollback_reason(settings, verdict, rated=rated) if treated else None
         if record.rollback is None and treated and self.needs_control():
             control = self.control()
             if control is not None:
@@ -483,20 +482,16 @@ def precision(removed: Tensor, flipped: Tensor) -> float | None:
     return float(torch.isin(removed, torch.as_tensor(flipped)).float().mean())
 
 
-def _kept_theta_hat(settings: RepairRound, rated: int | None) -> str | None:
-    """Why a round whose treatment chose θ̂ itself is rolled back (it moved nothing), or None without rollback."""
+def _rollback_reason(settings: RepairRound, verdict: Verdict, control: Verdict | None = None, *,
+                     rated: int | None = None) -> str | None:
+    """Why the treated weights must not be kept, or None to keep them. ``control``: the repair against the control;
+    ``rated``: the candidates rated, given when the treatment kept θ̂ itself."""
     if not settings.rollback:
         return None
-    rated = rated or 0
-    return (f"the treatment kept θ̂: it rated {rated} candidate{'s' * (rated != 1)} and none raised estimated "
-            f"validation accuracy on F_q and R_q by more than {settings.acceptance_margin:g} × its paired standard "
-            "error")
-
-
-def _rollback_reason(settings: RepairRound, verdict: Verdict, control: Verdict | None = None) -> str | None:
-    """Why the treated weights must not be kept, or None to keep them. ``control``: the repair against the control."""
-    if not settings.rollback:
-        return None
+    if rated is not None:
+        return (f"the treatment kept θ̂: it rated {rated} candidate{'s' * (rated != 1)} and none raised estimated "
+                f"validation accuracy on F_q and R_q by more than {settings.acceptance_margin:g} × its paired "
+                "standard error")
     if settings.max_remaining_drop is not None and verdict.remaining_drop > settings.max_remaining_drop:
         return (f"accuracy on R dropped by {verdict.remaining_drop:.4f} > "
                 f"max_remaining_drop={settings.max_remaining_drop}")
