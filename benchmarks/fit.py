@@ -127,6 +127,7 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_flip_oracle_no_rollback": _repair(scorer="FlipOracle", rollback=False),  # what the gate costs
     "repair_flip_oracle_finetune_lr_1e-4": _repair(scorer="FlipOracle", treatment="Finetune",
                                                    treatment_settings={"lr": 1e-4}),
+    "repair_no_rollback": _repair(rollback=False),  # the defaults' own causes, kept whatever the gate would say
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
@@ -137,6 +138,7 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "oracle_removal": "oracle removal (D without its flips, from the start)",
           "repair_flip_oracle": "RepairCallback(scorer=a perfect detector), defaults otherwise",
           "repair_flip_oracle_no_rollback": "RepairCallback(scorer=a perfect detector, rollback=False)",
+          "repair_no_rollback": "RepairCallback(rollback=False)",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",
           "repair_no_control": "RepairCallback(control_margin=None), the defaults before the control",
