@@ -128,6 +128,7 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_flip_oracle_finetune_lr_1e-4": _repair(scorer="FlipOracle", treatment="Finetune",
                                                    treatment_settings={"lr": 1e-4}),
     "repair_no_rollback": _repair(rollback=False),  # the defaults' own causes, kept whatever the gate would say
+    "repair_finetune_head": _repair(treatment="Finetune", treatment_settings={"modules": None}),  # a cheaper round
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
@@ -139,6 +140,7 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_flip_oracle": "RepairCallback(scorer=a perfect detector), defaults otherwise",
           "repair_flip_oracle_no_rollback": "RepairCallback(scorer=a perfect detector, rollback=False)",
           "repair_no_rollback": "RepairCallback(rollback=False)",
+          "repair_finetune_head": "RepairCallback(treatment=Finetune(modules=None)), the head alone",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",
           "repair_no_control": "RepairCallback(control_margin=None), the defaults before the control",

@@ -49,6 +49,13 @@ def last_linear_name(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
+def check_finetune_modules(modules: Sequence[str] | Literal["all"] | None, argument: str = "modules") -> None:
+    """Rejects a single module name given as a string (it would read as a list of characters)."""
+    if isinstance(modules, str) and modules != "all":
+        raise ValueError(f"{argument} must be None, 'all' or a list of module names, got {modules!r}; for one module "
+                         f"write [{modules!r}].")
+
+
 def finetune_parameters(model: nn.Module, finetune_modules: Sequence[str] | Literal["all"] | None = None
                         ) -> list[nn.Parameter]:
     """The parameters a treatment's fine-tune trains: trainable (``requires_grad``) ones of the chosen modules.

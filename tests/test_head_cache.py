@@ -134,7 +134,7 @@ def test_inputs_beyond_the_budget_are_not_kept():
 
 
 @pytest.mark.parametrize("treatment, served", [(EWCUnlearning(), True), (EWCUnlearning(modules="all"), False),
-                                                (Finetune(), False)])
+                                                (Finetune(), False), (Finetune(modules=None), True)])
 def test_a_round_decides_the_same_with_and_without_the_cache(monkeypatch, treatment, served):
     torch.manual_seed(0)
     model, data = TinyClassifier(), BlobsDataModule()

@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from helpers import BlobsDataModule, Forced, Scramble, TinyClassifier, Unchanged
 from lightning_repair import RepairCallback
@@ -20,6 +21,7 @@ from lightning_repair.identify import TrainingLoss
 from lightning_repair import round as round_module
 from lightning_repair.round import RepairRound, RoundRecord
 from lightning_repair.treat import BestOf, EWCUnlearning, Finetune, NewtonRemoval, TreatmentInputs
+from lightning_repair.treat.finetune import finetune_candidates
 
 
 def _trained_blobs(epochs: int = 3) -> tuple[TinyClassifier, BlobsDataModule]:
@@ -251,3 +253,17 @@ def test_newton_removal_with_nothing_removed_steps_on_the_loss_of_all_of_d():
     assert list(NewtonRemoval(gamma_multipliers=(1.0,)).candidates(inputs)) == [1.0 / 300]
     changes = [(a - b).abs().max() for a, b in zip(moved.parameters(), model.parameters())]
     assert all(torch.isfinite(c) for c in changes) and max(changes) > 0
+
+
+@pytest.mark.parametrize("modules, moved", [(None, {"2.weight", "2.bias"}), ("all", {"0.weight", "0.bias", "2.weight",
+                                                                                      "2.bias"})])
+def test_a_finetune_moves_the_modules_it_is_given_and_no_others(modules, moved):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    kept = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))), batch_size=8)
+    assert list(finetune_candidates(model, kept, steps=4, eval_every=2, modules=modules)) == [2, 4]
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == moved
+    with pytest.raises(ValueError, match=r"for one module write \['2'\]"):
+        Finetune(modules="2")

@@ -22,7 +22,7 @@ from lightning_repair.acceptance import Choice, Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import batches, checked_logits, endless, model_device
 from lightning_repair.optimize import FIT_DEFAULTS, fit_to_failures
-from lightning_repair.params import finetune_parameters
+from lightning_repair.params import check_finetune_modules, finetune_parameters
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 AlignmentMode = Literal["soft", "relabel"]
@@ -78,9 +78,7 @@ class EnergyAlignment(Treatment):
             raise ValueError("EnergyAlignment needs finetune_steps ≥ 1, lr > 0, fit_lr > 0, fit_steps ≥ 1 and "
                              f"eval_every ≥ 1; got {self.finetune_steps}, {self.lr}, {self.fit_lr}, {self.fit_steps}, "
                              f"{self.eval_every}.")
-        if isinstance(self.finetune_modules, str) and self.finetune_modules != "all":
-            raise ValueError(f"finetune_modules must be None, 'all' or a list of module names, got "
-                             f"{self.finetune_modules!r}; for one module write [{self.finetune_modules!r}].")
+        check_finetune_modules(self.finetune_modules, "finetune_modules")
 
     def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
         return energy_alignment_candidates(

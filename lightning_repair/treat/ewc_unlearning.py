@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.acceptance import Choice, Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.optimize import DataTerm, anchored_steps, total_cross_entropy
-from lightning_repair.params import finetune_parameters, trainable
+from lightning_repair.params import check_finetune_modules, finetune_parameters, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 Objective = Literal["unlikelihood", "ascent"]
@@ -73,9 +73,7 @@ class EWCUnlearning(Treatment):
         _check(self.objective, self.gamma, self.lr, self.max_steps, self.eval_every)
         if self.patience < 1:
             raise ValueError(f"EWCUnlearning needs patience ≥ 1, got {self.patience}.")
-        if isinstance(self.modules, str) and self.modules != "all":
-            raise ValueError(f"modules must be None, 'all' or a list of module names, got {self.modules!r}; for one "
-                             f"module write [{self.modules!r}].")
+        check_finetune_modules(self.modules)
 
     def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
         return ewc_unlearning_candidates(inputs.model, inputs.causes, inputs.fisher, objective=self.objective,
