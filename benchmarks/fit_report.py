@@ -81,13 +81,28 @@ def plain_of(record: dict[str, Any], seed: int, plain: dict[int, dict[str, Any]]
     return record.get("paired_plain") or plain.get(seed)
 
 
+def computed_alike(record: dict[str, Any], plain: dict[str, Any]) -> bool:
+    """Whether a callback run and plain training agree exactly on every validation up to the run's first round,
+    where the two fits are still the same fit: then they computed alike, whatever their machines' names say (a
+    kernel's build tag changes the platform string, not the arithmetic). A run without rounds departs from plain
+    training at epoch 0, so only its machine can tell."""
+    rounds = record.get("rounds") or []
+    if not rounds:
+        return False
+    shared = min(r["epoch"] for r in rounds) + 1
+    mine, theirs = record["validation_accuracy"][:shared], plain["validation_accuracy"][:shared]
+    return len(mine) == shared and mine == theirs
+
+
 def cross_machine_pairs(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, list[int]]:
-    """Per run, the seeds whose plain training ran on another machine (where both records say which)."""
+    """Per run, the seeds whose plain training ran on another machine (where both records say which), unless the
+    two fits show they computed alike (:func:`computed_alike`)."""
     plain = runs.get("plain", {})
 
     def across_machines(record: dict[str, Any], seed: int) -> bool:
         base = plain_of(record, seed, plain)
-        return base is not None and None not in (machine(record), machine(base)) and machine(record) != machine(base)
+        return (base is not None and None not in (machine(record), machine(base))
+                and machine(record) != machine(base) and not computed_alike(record, base))
 
     across = {run: [seed for seed, record in sorted(by_seed.items()) if across_machines(record, seed)]
               for run, by_seed in runs.items() if run != "plain"}
@@ -108,6 +123,9 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
                 "test accuracy is read once, at the end. *Change* is paired: the run's test accuracy minus plain "
                 "training's, same seed and machine: where the table's plain fit ran on another machine than the run, "
                 "the run is paired with a plain fit of its own machine (`paired_plain` in `fit.json`) where one ran. "
+                "Two machines count as one where a callback run and plain training agree exactly on every "
+                "validation up to the run's first round (they computed the same fit), whatever their platform "
+                "strings say. "
                 "*Gap closed* = (run − plain) / (oracle − plain). Precision and recall are "
                 "of everything the run removed (the callback: accepted rounds; cleanlab: its label issues; "
                 "small-loss: what its last epoch dropped) against the recorded flips. *Time* is wall time ÷ the "

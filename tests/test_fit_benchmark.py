@@ -59,6 +59,22 @@ def test_pairs_whose_plain_fit_ran_on_another_machine_are_named(tmp_path):
     assert "RepairCallback() defaults seed 0." in (tmp_path / "fit.md").read_text()
 
 
+def test_a_run_that_matches_plain_training_up_to_its_first_round_computed_alike():
+    from benchmarks.fit_report import cross_machine_pairs
+
+    def on(platform: str, record: dict) -> dict:
+        return {**record, "environment": {"cuda": None, "cpu": "AMD EPYC", "platform": platform}}
+
+    plain = on("Linux-6.18.44-fc-v509", _record("plain", 0, 0.70, 10.0, validation_accuracy=[0.5, 0.6, 0.7]))
+    alike = _record("repair", 0, 0.80, 15.0, validation_accuracy=[0.5, 0.6, 0.8], rounds=[{"epoch": 1}])
+    departs = _record("repair", 0, 0.80, 15.0, validation_accuracy=[0.5, 0.61, 0.8], rounds=[{"epoch": 1}])
+    no_rounds = _record("small_loss", 0, 0.80, 15.0, validation_accuracy=[0.5, 0.6, 0.8])
+    assert cross_machine_pairs({"plain": {0: plain}, "repair": {0: on("Linux-6.18.44-fc-v1300", alike)}}) == {}
+    assert cross_machine_pairs({"plain": {0: plain}, "repair": {0: on("Linux-6.18.44-fc-v1300", departs)},
+                                "small_loss": {0: on("Linux-6.18.44-fc-v1300", no_rounds)}}) == \
+        {"repair": [0], "small_loss": [0]}
+
+
 def test_one_oracle_run_serves_both_protocols_and_says_so(tmp_path):
     import json
 
