@@ -53,6 +53,20 @@ RESNET_CONFIGS: dict[str, dict[str, Any]] = {
     "curvature='torch_func'": {"curvature": "torch_func"},
     "curvature='backpack', params=['net.fc']": {"curvature": "backpack", "params": ["net.fc"]},
 }
+
+
+def _finetune_head() -> dict[str, Any]:
+    from lightning_repair.treat import Finetune
+
+    return {"treatment": Finetune(modules=None)}
+
+
+# Whole rounds of other configurations, timed like the default's (same fits, `repeats` each): label, and the
+# callback's arguments (built when the round runs).
+ROUND_VARIANTS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+    "round_finetune_head": ("whole repair round, fine-tuning the head alone "
+                            "(RepairCallback(treatment=Finetune(modules=None)))", _finetune_head),
+}
 MEMORY_OVERHEAD_TARGET = 0.10    # a round's peak RSS ≤ 1.10 × plain training's
 # "Does not grow with N beyond one number per example": 4–8 bytes per example is far below what ru_maxrss can
 # resolve (a few MB between runs), so the check is that the round's extra memory grows by at most this many bytes
@@ -449,8 +463,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  agreement with the JVP scores (max |diff| / max |score|): {agreement}", flush=True)
 
     # (g) a whole round as the callback runs it: Trainer.fit of one epoch, the round after its validation.
-    def fit_with_round(fit_data) -> tuple[dict, float]:
-        repair = RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH)
+    def fit_with_round(fit_data, **arguments: Any) -> tuple[dict, float]:
+        repair = RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH, **arguments)
         clock = epoch_clock()
         with tempfile.TemporaryDirectory() as root:
             trainer(device, root, [repair, clock]).fit(new_module(state), fit_data)
@@ -471,20 +485,28 @@ def run(args: argparse.Namespace) -> dict:
         scaling.append({"n": size, "round": record_["seconds_total"], "epoch": epoch_seconds})
     scaling.sort(key=lambda row: row["n"])
 
-    def round_row(key: str, label: str, field: str) -> None:
-        samples = [float(r.get(field) or 0.0) for r in round_records]
-        rows[key] = {"label": label, "seconds": statistics.median(samples), "samples": samples, "note": ""}
+    def round_rows(key: str, label: str, records: list[dict]) -> None:
+        """The whole round and its phases, medians over ``records``."""
+        def row(suffix: str, part: str, samples: list[float]) -> None:
+            rows[key + suffix] = {"label": part, "seconds": statistics.median(samples), "samples": samples, "note": ""}
 
-    round_row("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) + fine-tune and its control)",
-              "seconds_total")
-    round_row("round_failures", "  failures + the head's inputs over V (one no-grad pass)", "seconds_failures")
-    round_row("round_fisher", "  Fisher", "seconds_fisher")
-    round_row("round_scores", "  scores (KNN-Shapley, trusted)", "seconds_scores")
-    round_row("round_treatment", "  suspects + treatment (fine-tune and its control)", "seconds_treatment")
-    other = [r["seconds_total"] - sum(float(r.get(f) or 0.0) for f in
-             ("seconds_failures", "seconds_fisher", "seconds_scores", "seconds_treatment")) for r in round_records]
-    rows["round_other"] = {"label": "  predict after + suspects CSV", "seconds": statistics.median(other),
-                           "samples": other, "note": ""}
+        for suffix, part, field in (("", label, "seconds_total"),
+                                    ("_failures", "  failures + the head's inputs over V (one no-grad pass)",
+                                     "seconds_failures"),
+                                    ("_fisher", "  Fisher", "seconds_fisher"),
+                                    ("_scores", "  scores (KNN-Shapley, trusted)", "seconds_scores"),
+                                    ("_treatment", "  suspects + treatment (fine-tune and its control)",
+                                     "seconds_treatment")):
+            row(suffix, part, [float(r.get(field) or 0.0) for r in records])
+        row("_other", "  predict after + suspects CSV",
+            [r["seconds_total"] - sum(float(r.get(f) or 0.0) for f in
+                                      ("seconds_failures", "seconds_fisher", "seconds_scores", "seconds_treatment"))
+             for r in records])
+
+    round_rows("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) + fine-tune and its control)",
+               round_records)
+    for key, (label, arguments) in ROUND_VARIANTS.items():
+        round_rows(key, label, [fit_with_round(data, **arguments())[0] for _ in range(repeats)])
     rows["lightning_epoch"] = {"label": "Trainer.fit training epoch (same fits, before the round)",
                                "seconds": statistics.median(lightning_epochs), "samples": lightning_epochs,
                                "note": ""}
@@ -527,6 +549,8 @@ TABLE = [  # (key, target in epochs or None)
     ("lightning_epoch", None),
     ("round", EPOCH_TARGET["round"]), ("round_failures", None), ("round_fisher", None), ("round_scores", None),
     ("round_treatment", None), ("round_other", None),
+    *[(key + suffix, None) for key in ROUND_VARIANTS
+      for suffix in ("", "_failures", "_fisher", "_scores", "_treatment", "_other")],
 ]
 
 
