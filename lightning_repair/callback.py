@@ -76,7 +76,8 @@ class RepairCallback(Callback):
         stop_fraction: share of F_q that EWC influence holds back to early-stop its fit to the failures; every
             other method reads all of F_q.
         params: names of submodules the Fisher, scores and treatment are restricted to (e.g. ``["net.9"]``);
-            default all trainable parameters.
+            default all trainable parameters. A treatment that can move nothing inside them fails when training
+            starts.
         batch_size: batch size of the repair passes; default the training DataLoader's.
         adapter: how to read inputs, labels and logits; default handles ``(x, y)`` and dict batches.
         suspects_to_report: rows of each round's suspects CSV (the causes are always included).
@@ -200,6 +201,7 @@ class RepairCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader = _single_loader(trainer.train_dataloader, "training")
         Examples.from_dataloader(loader, "training")  # fail now, not after an epoch, on an unusable loader
+        self.settings.check_scope(pl_module)  # and on a repair scope the treatment cannot move
         exclude_from(loader, self._removed, self.seed)  # before the first batch is drawn, also when resuming
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -198,6 +198,17 @@ class RepairRound:
                              "shown to raise validation accuracy, so every round would roll back. Use "
                              "query_fraction < 1 (default 0.5), or rollback=False to keep every treated round.")
 
+    def check_scope(self, module: nn.Module) -> None:
+        """Raises ValueError now where ``params`` names modules ``module`` lacks, or the treatment would move no
+        parameter inside them (e.g. ``params`` without the last layer and a treatment that trains only that layer),
+        which a round would otherwise find only after the epochs before it."""
+        try:
+            self.treatment.check_scope(repair_copy(module, self.params))
+        except ValueError as error:
+            raise ValueError(f"RepairCallback: {self.treatment!r} can move no parameter of the repair scope "
+                             f"(params={self.params!r}): {error} Widen `params`, or give the treatment layers "
+                             "inside it.") from error
+
     def run(self, module: nn.Module, train: DataLoader, validation: DataLoader, *, removed: Collection[int] = (),
             number: int = 1, seed: int = 0, epoch: int | None = None, global_step: int | None = None,
             flipped: Tensor | None = None, ranks: Ranks = SINGLE_PROCESS, progress: Progress = no_progress,

@@ -267,3 +267,16 @@ def test_a_finetune_moves_the_modules_it_is_given_and_no_others(modules, moved):
     assert changed == moved
     with pytest.raises(ValueError, match=r"for one module write \['2'\]"):
         Finetune(modules="2")
+
+
+@pytest.mark.parametrize("treatment", [Finetune(modules=None), EWCUnlearning(), BestOf()])
+def test_a_treatment_that_can_move_nothing_in_the_repair_scope_fails_before_training(treatment, tmp_path):
+    model, data = TinyClassifier(), BlobsDataModule()
+    before = copy.deepcopy(model.state_dict())
+    repair = RepairCallback(treatment=treatment, params=["net.0"], start_epoch=0)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[repair])
+    with pytest.raises(ValueError, match=r"can move no parameter of the repair scope \(params=\['net.0'\]\)"):
+        trainer.fit(model, data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step was trained
+    RepairRound(treatment=Finetune(), params=["net.0"]).check_scope(model)  # every layer: net.0 is enough

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.acceptance import Choice, Judge, choose
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.method import Method
+from lightning_repair.params import finetune_parameters
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,17 @@ class Treatment(Method, ABC):
     needs_fisher: bool = False
     trains_on_kept: bool = False
     patience: int | None = None
+
+    @property
+    def moving_modules(self) -> Sequence[str] | Literal["all"] | None:
+        """The layers the treatment moves, as :func:`~lightning_repair.params.finetune_parameters` reads them: its
+        ``modules`` where it has them, else every trainable parameter."""
+        return getattr(self, "modules", "all")
+
+    def check_scope(self, model: nn.Module) -> None:
+        """Raises ValueError where the treatment would move no parameter of ``model``, a repair copy (only the
+        repair scope trainable): the callback asks before training starts, not at the first round."""
+        finetune_parameters(model, self.moving_modules)
 
     @abstractmethod
     def candidates(self, inputs: TreatmentInputs) -> Iterator[object]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from lightning_repair.acceptance import Choice, choose
 from lightning_repair.params import assign_, detached, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
@@ -43,6 +45,10 @@ class BestOf(Treatment):
         """Whether any of its treatments trains on D \\ C: then the round's control runs BestOf with nothing
         removed, and the repair must beat the best of those treatments on all of D."""
         return any(t.trains_on_kept for t in self.treatments)
+
+    def check_scope(self, model: nn.Module) -> None:
+        for treatment in self.treatments:
+            treatment.check_scope(model)
 
     def applicable(self, inputs: TreatmentInputs) -> list[Treatment]:
         """The treatments to run: all of them, or with nothing removed (the round's control) those that train on

@@ -80,6 +80,10 @@ class EnergyAlignment(Treatment):
                              f"{self.eval_every}.")
         check_finetune_modules(self.finetune_modules, "finetune_modules")
 
+    @property
+    def moving_modules(self) -> list[str] | Literal["all"] | None:
+        return self.finetune_modules
+
     def candidates(self, inputs: TreatmentInputs) -> Iterator[int]:
         return energy_alignment_candidates(
             inputs.model, inputs.causes, inputs.kept, inputs.query, inputs.fisher, inputs.n_train,

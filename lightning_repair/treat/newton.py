@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from lightning_repair.acceptance import Judge, as_judge, choose
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.curvature import FISHER_DAMPING, batches, checked_logits, endless, loss_gradient, natural_gradient
-from lightning_repair.params import detached, dot, finetune_parameters, moving_only, trainable
+from lightning_repair.params import check_finetune_modules, detached, dot, finetune_parameters, moving_only, trainable
 from lightning_repair.treat.base import Treatment, TreatmentInputs
 
 InverseHVP = Callable[[list[Tensor]], list[Tensor]]
@@ -96,9 +96,7 @@ class NewtonRemoval(Treatment):
                              "`newton_removal` instead.")
         _check_arguments(self.damping, self.gamma_multipliers, self.inverse, self.lissa_steps, self.lissa_scale,
                          self.lissa_damping, self.step)
-        if isinstance(self.modules, str) and self.modules != "all":
-            raise ValueError(f"modules must be None, 'all' or a list of module names, got {self.modules!r}; for one "
-                             f"module write [{self.modules!r}].")
+        check_finetune_modules(self.modules)
         self.gamma_multipliers = tuple(float(m) for m in self.gamma_multipliers)
 
     @property
