@@ -202,8 +202,9 @@ class RepairRound:
         """Raises ValueError now where ``params`` names modules ``module`` lacks, or the treatment would move no
         parameter inside them (e.g. ``params`` without the last layer and a treatment that trains only that layer),
         which a round would otherwise find only after the epochs before it."""
+        scope = repair_copy(module, self.params)  # a name `module` lacks raises its own error here
         try:
-            self.treatment.check_scope(repair_copy(module, self.params))
+            self.treatment.check_scope(scope)
         except ValueError as error:
             raise ValueError(f"RepairCallback: {self.treatment!r} can move no parameter of the repair scope "
                              f"(params={self.params!r}): {error} Widen `params`, or give the treatment layers "

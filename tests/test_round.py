@@ -280,3 +280,5 @@ def test_a_treatment_that_can_move_nothing_in_the_repair_scope_fails_before_trai
         trainer.fit(model, data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step was trained
     RepairRound(treatment=Finetune(), params=["net.0"]).check_scope(model)  # every layer: net.0 is enough
+    with pytest.raises(ValueError, match=r"^`params` names modules \['nope'\] that the model does not have"):
+        RepairRound(params=["nope"]).check_scope(model)  # a typo keeps its own message
