@@ -61,6 +61,13 @@ def _finetune_head() -> dict[str, Any]:
     return {"treatment": Finetune(modules=None)}
 
 
+# A round's phases, from its record's `seconds_*`: the row key's suffix, the label and the field; whatever the
+# record does not split among them is "predict after + suspects CSV" (suffix `_other`).
+ROUND_PHASES = (("_failures", "  failures + the head's inputs over V (one no-grad pass)", "seconds_failures"),
+                ("_fisher", "  Fisher", "seconds_fisher"),
+                ("_scores", "  scores (KNN-Shapley, trusted)", "seconds_scores"),
+                ("_treatment", "  suspects + treatment (fine-tune and its control)", "seconds_treatment"))
+ROUND_SUFFIXES = (*(suffix for suffix, _, _ in ROUND_PHASES), "_other")
 # Whole rounds of other configurations, timed like the default's (same fits, `repeats` each): label, and the
 # callback's arguments (built when the round runs).
 ROUND_VARIANTS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
@@ -490,18 +497,14 @@ def run(args: argparse.Namespace) -> dict:
         def row(suffix: str, part: str, samples: list[float]) -> None:
             rows[key + suffix] = {"label": part, "seconds": statistics.median(samples), "samples": samples, "note": ""}
 
-        for suffix, part, field in (("", label, "seconds_total"),
-                                    ("_failures", "  failures + the head's inputs over V (one no-grad pass)",
-                                     "seconds_failures"),
-                                    ("_fisher", "  Fisher", "seconds_fisher"),
-                                    ("_scores", "  scores (KNN-Shapley, trusted)", "seconds_scores"),
-                                    ("_treatment", "  suspects + treatment (fine-tune and its control)",
-                                     "seconds_treatment")):
-            row(suffix, part, [float(r.get(field) or 0.0) for r in records])
+        def seconds(record: dict, field: str) -> float:
+            return float(record.get(field) or 0.0)
+
+        row("", label, [seconds(r, "seconds_total") for r in records])
+        for suffix, part, field in ROUND_PHASES:
+            row(suffix, part, [seconds(r, field) for r in records])
         row("_other", "  predict after + suspects CSV",
-            [r["seconds_total"] - sum(float(r.get(f) or 0.0) for f in
-                                      ("seconds_failures", "seconds_fisher", "seconds_scores", "seconds_treatment"))
-             for r in records])
+            [seconds(r, "seconds_total") - sum(seconds(r, field) for _, _, field in ROUND_PHASES) for r in records])
 
     round_rows("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) + fine-tune and its control)",
                round_records)
@@ -547,10 +550,8 @@ TABLE = [  # (key, target in epochs or None)
     ("knn", EPOCH_TARGET["knn"]), ("knn_embed", None), ("knn_exact", None),
     ("vmap", None), ("naive_subset", None), ("naive", None),
     ("lightning_epoch", None),
-    ("round", EPOCH_TARGET["round"]), ("round_failures", None), ("round_fisher", None), ("round_scores", None),
-    ("round_treatment", None), ("round_other", None),
-    *[(key + suffix, None) for key in ROUND_VARIANTS
-      for suffix in ("", "_failures", "_fisher", "_scores", "_treatment", "_other")],
+    ("round", EPOCH_TARGET["round"]), *[("round" + suffix, None) for suffix in ROUND_SUFFIXES],
+    *[(key + suffix, None) for key in ROUND_VARIANTS for suffix in ("", *ROUND_SUFFIXES)],
 ]
 
 
