@@ -70,10 +70,10 @@ PROTOCOLS = ("pairs", "symmetric")
 
 
 def _repair(scorer: str | None = None, treatment: str | None = None, treatment_settings: dict[str, Any] | None = None,
-            **settings: Any) -> Callable[[Tensor], list]:
+            scorer_settings: dict[str, Any] | None = None, **settings: Any) -> Callable[[Tensor], list]:
     """The callback with a scorer and treatment named as in ``lightning_repair`` (None: its default; scorer
-    ``"FlipOracle"``: a perfect detector of the setting's ``flipped`` examples), the treatment's settings and the
-    callback's other settings as given."""
+    ``"FlipOracle"``: a perfect detector of the setting's ``flipped`` examples), their settings and the callback's
+    other settings as given."""
     def callbacks(flipped: Tensor) -> list:
         from lightning_repair import RepairCallback, identify, treat
 
@@ -81,7 +81,7 @@ def _repair(scorer: str | None = None, treatment: str | None = None, treatment_s
         if scorer == "FlipOracle":
             arguments["scorer"] = FlipOracle(flipped=flipped)
         elif scorer is not None:
-            arguments["scorer"] = getattr(identify, scorer)()
+            arguments["scorer"] = getattr(identify, scorer)(**(scorer_settings or {}))
         if treatment is not None:
             arguments["treatment"] = getattr(treat, treatment)(**(treatment_settings or {}))
         return [RepairCallback(**arguments)]
@@ -129,6 +129,11 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
                                                    treatment_settings={"lr": 1e-4}),
     "repair_no_rollback": _repair(rollback=False),  # the defaults' own causes, kept whatever the gate would say
     "repair_finetune_head": _repair(treatment="Finetune", treatment_settings={"modules": None}),  # a cheaper round
+    # KNN-Shapley's causes: value < −1 × the mean value instead of value < 0 (fewer clean examples near failures)
+    "repair_harm_margin_1": _repair(scorer="KNNShapley", scorer_settings={"utility": "trusted", "harm_margin": 1.0}),
+    "repair_harm_margin_1_no_rollback": _repair(scorer="KNNShapley",
+                                                scorer_settings={"utility": "trusted", "harm_margin": 1.0},
+                                                rollback=False),
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
@@ -140,6 +145,9 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_flip_oracle": "RepairCallback(scorer=a perfect detector), defaults otherwise",
           "repair_flip_oracle_no_rollback": "RepairCallback(scorer=a perfect detector, rollback=False)",
           "repair_no_rollback": "RepairCallback(rollback=False)",
+          "repair_harm_margin_1": "RepairCallback(scorer=KNNShapley(utility='trusted', harm_margin=1))",
+          "repair_harm_margin_1_no_rollback": "RepairCallback(scorer=KNNShapley(utility='trusted', harm_margin=1), "
+                                              "rollback=False)",
           "repair_finetune_head": "RepairCallback(treatment=Finetune(modules=None)), the head alone",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",

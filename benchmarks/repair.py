@@ -298,8 +298,8 @@ def run_setting(protocol: str, regime: Regime, seed: int, options: Options, log:
                                seed=seed)
         clock = Clock({"fisher": fisher_seconds} if scorer.needs_fisher else {})
         scores = clock.time("scoring", lambda: scorer.score(inputs)).double()
-        rule = ({"threshold": scorer.natural_threshold} if scorer.natural_threshold is not None
-                else {"top_fraction": TOP_FRACTION})
+        threshold = scorer.threshold_for(scores)
+        rule = {"threshold": threshold} if threshold is not None else {"top_fraction": TOP_FRACTION}
         cause_sets[name] = select_causes(scores, **rule)
         identification[name] = identification_record(scores, cause_sets[name], is_flipped,
                                                       sum(clock.phases.values()), epoch_seconds, clock.phases)

@@ -64,7 +64,8 @@ class RepairCallback(Callback):
         top_fraction: remove this fraction of the training set per round.
         threshold: remove every example scoring above this (the paper's rule: 0).
             Give at most one of ``top_k``, ``top_fraction``, ``threshold``; with none, the scorer's own rule
-            (KNN-Shapley: value < 0) or ``top_fraction=0.01``.
+            for each round's scores (KNN-Shapley: value < −``harm_margin`` × the mean value) or
+            ``top_fraction=0.01``.
         fisher: diagonal Fisher kind: ``"mc"`` (sampled labels, default), ``"exact"`` or ``"empirical"``.
         fisher_samples: training examples the Fisher averages over.
         curvature: how per-example gradients and the Fisher are computed: ``"auto"`` (default) tries BackPACK on
@@ -168,7 +169,8 @@ class RepairCallback(Callback):
 
     @property
     def selection(self) -> dict[str, Any]:
-        """The cause selection in force: the one given, or the scorer's own rule."""
+        """The cause selection given (one of ``top_k``, ``top_fraction``, ``threshold``); empty: the scorer's own
+        rule, whose threshold each round records (``rounds[i].threshold``)."""
         return self.settings.selection
 
     @property

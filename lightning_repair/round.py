@@ -44,7 +44,8 @@ class RoundRecord(Mapping):
     Accuracies are on F_q (read by the methods), F_h and R (read by no method: the acceptance rule's evidence),
     before (θ̂) and after the treatment; ``gain`` is the estimated change of validation accuracy on F_h and R, with
     its paired standard error. ``skipped`` says why a round stopped early; ``rollback`` why a treated one was not
-    kept. ``control_*``: the same treatment run with nothing removed (the control, for treatments that train on
+    kept. ``threshold``: the scores above which the causes were taken (None: a top_k or top_fraction rule).
+    ``control_*``: the same treatment run with nothing removed (the control, for treatments that train on
     D \\ C; run only for a repair that beat θ̂), and the repair's gain over it on F_h and R. ``seconds_*`` time the
     phases; ``seconds_treatment`` includes the control's.
     """
@@ -67,6 +68,7 @@ class RoundRecord(Mapping):
     acc_r_after: float | None = None
     curvature: str | None = None
     causes: int = 0
+    threshold: float | None = None
     candidate: str | None = None
     candidates_rated: int | None = None
     control_candidate: str | None = None
@@ -149,7 +151,8 @@ class RepairRound:
     for what each setting means; the callback passes its arguments on unchanged.
 
     ``selection`` holds at most one of ``top_k``, ``top_fraction``, ``threshold``; empty: the scorer's own rule
-    (KNN-Shapley: value < 0), or ``top_fraction=0.01``. ``backend`` None chooses one on the first batch
+    for each round's scores (:meth:`Scorer.threshold_for`; KNN-Shapley: value < −harm_margin × mean value), or
+    ``top_fraction=0.01`` for a scorer without one (:meth:`selection_for`). ``backend`` None chooses one on the first batch
     (BackPACK where it can follow the model, else ``torch.func``).
     """
 
@@ -173,9 +176,7 @@ class RepairRound:
 
     def __post_init__(self) -> None:
         check_selection(**{"top_k": None, "top_fraction": None, "threshold": None, **self.selection})
-        if not any(value is not None for value in self.selection.values()):
-            natural = self.scorer.natural_threshold
-            self.selection = {"threshold": natural} if natural is not None else {"top_fraction": DEFAULT_TOP_FRACTION}
+        self.selection = {rule: value for rule, value in self.selection.items() if value is not None}
         if self.fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {self.fisher!r}.")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -197,6 +198,14 @@ class RepairRound:
             raise ValueError("query_fraction=1.0 leaves no held-out failures F_h, and without them no repair can be "
                              "shown to raise validation accuracy, so every round would roll back. Use "
                              "query_fraction < 1 (default 0.5), or rollback=False to keep every treated round.")
+
+    def selection_for(self, scores: Tensor) -> dict[str, Any]:
+        """The rule that selects a round's causes from ``scores`` (of the examples still in training): the one
+        given, else the scorer's own rule for these scores, else ``top_fraction=0.01``."""
+        if self.selection:
+            return self.selection
+        threshold = self.scorer.threshold_for(scores)
+        return {"threshold": threshold} if threshold is not None else {"top_fraction": DEFAULT_TOP_FRACTION}
 
     def check_scope(self, module: nn.Module) -> None:
         """Raises ValueError now where ``params`` names modules ``module`` lacks, or the treatment would move no
@@ -289,7 +298,9 @@ class _Round:
             rank_zero_warn("RepairCallback: some scores are NaN or infinite (non-finite losses?); skipping this "
                            "round. Check the model's losses or lower the learning rate.")
             return self.skipped("non-finite scores")
-        causes = select_causes(scores, **self.settings.selection)
+        rule = self.settings.selection_for(scores[self.kept])
+        causes = select_causes(scores, **rule)
+        record.threshold = rule.get("threshold")
         if len(causes) >= len(self.kept):
             rank_zero_warn(f"RepairCallback: the selection would remove all {len(self.kept)} remaining training "
                            "examples; skipping this round. Use a smaller top_k/top_fraction or a higher threshold.")

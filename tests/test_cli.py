@@ -106,6 +106,6 @@ def test_composed_config_instantiates(tmp_path: Path) -> None:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, RepairCallback)]
     assert isinstance(callback.scorer, KNNShapley) and isinstance(callback.treatment, NewtonRemoval)
     assert callback.scorer.utility == "trusted"
-    assert callback.selection == {"threshold": KNNShapley.natural_threshold}  # value < 0, the scorer's rule
+    assert callback.selection == {}  # none given: the scorer's own rule, each round
     assert (callback.start_epoch, callback.settings.fisher_samples) == (None, 1000)
     assert cli.datamodule.train_dataset is None  # nothing read before `fit` calls setup

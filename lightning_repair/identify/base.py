@@ -81,8 +81,9 @@ class Scorer(Method, ABC):
 
     Attributes:
         needs_fisher: whether :meth:`score` reads ``inputs.fisher``.
-        natural_threshold: the method's own selection rule ``score > natural_threshold``, when it has one
-            (KNN-Shapley: value < 0), used when the callback is given no explicit selection.
+        natural_threshold: the method's own selection rule ``score > natural_threshold``, when it has one,
+            used when the callback is given no explicit selection; a method whose rule depends on the round's
+            scores overrides :meth:`threshold_for` (KNN-Shapley: value < −``harm_margin`` × the mean value).
         shardable: whether each example's score depends only on that example, so DDP ranks can score
             shares of D and gather them (False for KNN-Shapley, where a value depends on all of D).
     """
@@ -94,3 +95,8 @@ class Scorer(Method, ABC):
     @abstractmethod
     def score(self, inputs: ScoringInputs) -> Tensor:
         """One score per example of ``inputs.train``, in its order, as a float tensor on the CPU."""
+
+    def threshold_for(self, scores: Tensor) -> float | None:
+        """The threshold of the method's own rule for this round's ``scores`` (of the examples still in
+        training): the causes are the examples scoring above it. None: the method has no rule of its own."""
+        return self.natural_threshold

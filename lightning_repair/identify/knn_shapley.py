@@ -52,7 +52,11 @@ class KNNShapley(Scorer):
     """KNN-Shapley values (Jia et al. 2019; the report's proposal 2), truncated within a tolerance; score = −value.
 
     A negative value marks an example that hurts the K-nearest-neighbour classifier on the utility points, so
-    the natural cause set is {value < 0} and needs no K: the callback uses it when given no selection.
+    the natural cause set needs no K, and the callback uses it when given no selection: {value < −harm_margin × v̄},
+    where v̄ is the mean value of the round's examples (by the Shapley efficiency axiom, v(D) / N: what an average
+    example adds to the KNN classifier's accuracy on the utility points). ``harm_margin=0`` is the plain
+    {value < 0}.
+
     Under DDP (``inputs.ranks``) each rank embeds a share of D and of the utility points, and values against a
     share of the utility points; every rank ends with the same scores.
 
@@ -65,6 +69,8 @@ class KNNShapley(Scorer):
         tolerance: the most any value may differ from the exact one; it sets the truncation T, the neighbours
             ranked per utility point, to the smallest with 1/T − 1/N ≤ tolerance (:func:`truncation_for`).
             None computes the exact values (a full sort of D per utility point).
+        harm_margin: the natural cause set is the examples that hurt the utility by more than this many times
+            what an average example adds to it (value < −harm_margin × mean value); 0: every negative value.
     """
 
     natural_threshold = 0.0
@@ -76,6 +82,7 @@ class KNNShapley(Scorer):
     batch_size: int = 256
     # At N = 50,000 this ranks T = 8,334 neighbours per utility point (benchmarks/results/knn_speed.md).
     tolerance: float | None = 1e-4
+    harm_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.utility not in ("query", "trusted"):
@@ -84,6 +91,15 @@ class KNNShapley(Scorer):
             raise ValueError(f"k must be ≥ 1, got {self.k}.")
         if self.tolerance is not None and not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance!r}; use tolerance=None for exact values.")
+        if not self.harm_margin >= 0:
+            raise ValueError(f"harm_margin must be ≥ 0 (0: every negative value is a cause), got {self.harm_margin!r}.")
+
+    def threshold_for(self, scores: Tensor) -> float:
+        """value < −harm_margin × mean value, as a threshold on the scores (−value): harm_margin × mean value.
+        The values of the round's examples sum to v(D) ≥ 0 (efficiency), so their mean is what an average example
+        adds; truncation may leave it a hair below 0, which counts as 0."""
+        mean_value = -float(scores.double().mean()) if len(scores) else 0.0
+        return self.harm_margin * max(mean_value, 0.0)
 
     def score(self, inputs: ScoringInputs) -> Tensor:
         utility_loader = inputs.query if self.utility == "query" else inputs.trusted
