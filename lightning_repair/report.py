@@ -32,8 +32,8 @@ TABLE_COLUMNS = (
 )
 
 METRIC_KEYS = (
-    "failures", "removed", "removed_total", "precision", "acc_fq_before", "acc_fq_after", "acc_fh_before",
-    "acc_fh_after", "acc_r_before", "acc_r_after", "gain", "gain_standard_error", "control_gain",
+    "failures", "causes", "threshold", "removed", "removed_total", "precision", "acc_fq_before", "acc_fq_after",
+    "acc_fh_before", "acc_fh_after", "acc_r_before", "acc_r_after", "gain", "gain_standard_error", "control_gain",
     "control_gain_standard_error", "seconds_failures", "seconds_fisher", "seconds_scores", "seconds_treatment",
     "seconds_total",
 )

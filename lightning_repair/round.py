@@ -152,8 +152,8 @@ class RepairRound:
 
     ``selection`` holds at most one of ``top_k``, ``top_fraction``, ``threshold``; empty: the scorer's own rule
     for each round's scores (:meth:`Scorer.threshold_for`; KNN-Shapley: value < −harm_margin × mean value), or
-    ``top_fraction=0.01`` for a scorer without one (:meth:`selection_for`). ``backend`` None chooses one on the first batch
-    (BackPACK where it can follow the model, else ``torch.func``).
+    ``top_fraction=0.01`` for a scorer without one (:meth:`selection_for`). ``backend`` None chooses one on the
+    first batch (BackPACK where it can follow the model, else ``torch.func``).
     """
 
     scorer: Scorer = field(default_factory=lambda: KNNShapley(utility="trusted"))

@@ -81,7 +81,7 @@ def test_round_records_and_logged_metrics(tmp_path):
     with (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     logged = {key for row in rows for key, value in row.items() if value}
-    assert {"repair/failures", "repair/removed", "repair/acc_fh_after", "repair/acc_r_after",
+    assert {"repair/failures", "repair/causes", "repair/removed", "repair/acc_fh_after", "repair/acc_r_after",
             "repair/seconds_scores", "repair/precision"} <= logged
     suspects = RepairCallback.log_dir(trainer) / "round_001_suspects.csv"
     with suspects.open() as handle:

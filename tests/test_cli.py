@@ -102,10 +102,11 @@ def test_composed_config_instantiates(tmp_path: Path) -> None:
                                      "--config", str(CONFIGS / "identify/knn_shapley_trusted.yaml"),
                                      "--config", str(CONFIGS / "treat/newton_removal.yaml"),
                                      "--trainer.accelerator", "cpu", "--trainer.logger", "false",
-                                     "--trainer.default_root_dir", str(tmp_path)])
+                                     "--trainer.default_root_dir", str(tmp_path),
+                                     "--repair.scorer.init_args.harm_margin", "1.5"])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, RepairCallback)]
     assert isinstance(callback.scorer, KNNShapley) and isinstance(callback.treatment, NewtonRemoval)
-    assert callback.scorer.utility == "trusted"
+    assert callback.scorer.utility == "trusted" and callback.scorer.harm_margin == 1.5
     assert callback.selection == {}  # none given: the scorer's own rule, each round
     assert (callback.start_epoch, callback.settings.fisher_samples) == (None, 1000)
     assert cli.datamodule.train_dataset is None  # nothing read before `fit` calls setup

@@ -201,3 +201,18 @@ def test_a_run_pairs_with_the_plain_fit_of_its_own_machine_where_one_ran(tmp_pat
     # No plain fit of small-loss's machine: it pairs with the table's, and is named as crossing machines.
     assert summary["small_loss"]["change_from_plain"]["mean"] == pytest.approx(0.05)
     assert cross_machine_pairs(runs) == {"small_loss": [0]}
+
+
+def test_the_knn_rule_probe_counts_each_rules_causes_against_the_flips_still_in_training():
+    from benchmarks.knn_rule_probe import rule_figures
+
+    # Values −scores: mean value 0.1, so m = 1 takes value < −0.1 and m = 0 every negative value.
+    scores = torch.tensor([0.5, 0.3, 0.05, -0.2, -0.3, -0.25, -0.4, -0.5])
+    indices = torch.tensor([10, 11, 12, 13, 14, 15, 16, 17])
+    flipped = torch.tensor([10, 12, 13, 99])  # 99: removed by an earlier round, not in training
+    assert scores.mean() == pytest.approx(-0.1)
+    plain = rule_figures(scores, indices, flipped, margin=0.0)
+    assert plain == {"causes": 3, "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                     "flips_in_training": 3}
+    strict = rule_figures(scores, indices, flipped, margin=1.0)
+    assert strict == {"causes": 2, "precision": 0.5, "recall": pytest.approx(1 / 3), "flips_in_training": 3}

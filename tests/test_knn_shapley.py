@@ -103,6 +103,31 @@ def test_efficiency_axiom(k: int) -> None:
     assert values.sum().item() == pytest.approx(full, abs=1e-12)
 
 
+
+@pytest.mark.parametrize("harm_margin", [0.0, 1.0, 2.5])
+def test_the_natural_cause_set_is_the_examples_hurting_by_more_than_a_margin_times_the_mean_value(
+        harm_margin: float) -> None:
+    """value < −harm_margin × v(D)/N, where v(D)/N, by efficiency, is the mean value (checked against the utility)."""
+    from lightning_repair.selection import select_causes
+
+    train_emb, train_lab, util_emb, util_lab = _random_problem(3, 40, 4)
+    values = knn_shapley_values(train_emb, train_lab, util_emb, util_lab, k=3)
+    full = _knn_utility(tuple(range(40)), train_emb, train_lab, util_emb, util_lab, 3)
+    scorer = KNNShapley(k=3, harm_margin=harm_margin)
+    threshold = scorer.threshold_for(-values)
+    assert threshold == pytest.approx(harm_margin * full / 40, abs=1e-12)
+    causes = set(select_causes(-values, threshold=threshold).tolist())
+    expected = set(torch.nonzero(values < -harm_margin * full / 40).flatten().tolist())
+    assert causes == expected and (harm_margin > 0 or causes == set(torch.nonzero(values < 0).flatten().tolist()))
+    if harm_margin == 2.5:
+        assert causes < set(torch.nonzero(values < 0).flatten().tolist())  # a real margin: fewer causes
+
+
+def test_a_mean_value_below_zero_from_truncation_counts_as_zero_and_a_negative_margin_is_refused() -> None:
+    assert KNNShapley(harm_margin=1.0).threshold_for(torch.tensor([1e-9, 0.0, 2e-9])) == 0.0
+    with pytest.raises(ValueError, match="harm_margin must be ≥ 0"):
+        KNNShapley(harm_margin=-1.0)
+
 def test_mislabeled_nearest_point_is_negative() -> None:
     train_emb = torch.tensor([[0.1, 0.0], [0.2, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0]])
     train_lab = torch.tensor([1, 0, 0, 1, 1])  # index 0 is mislabeled, index 1 is correct

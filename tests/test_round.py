@@ -17,7 +17,7 @@ from lightning_repair import RepairCallback
 from lightning_repair.acceptance import Judge
 from lightning_repair.adapter import BatchAdapter
 from lightning_repair.failures import predict
-from lightning_repair.identify import TrainingLoss
+from lightning_repair.identify import KNNShapley, TrainingLoss
 from lightning_repair import round as round_module
 from lightning_repair.round import RepairRound, RoundRecord
 from lightning_repair.treat import BestOf, EWCUnlearning, Finetune, NewtonRemoval, TreatmentInputs
@@ -61,6 +61,22 @@ def test_removed_examples_are_neither_scored_nor_selected():
     assert torch.isfinite(outcome.scores[sorted(set(range(300)) - removed)]).all()
     assert not set(outcome.causes.tolist()) & removed
 
+
+
+def test_the_scorers_own_rule_is_applied_to_each_rounds_remaining_scores_and_its_threshold_recorded():
+    model, data = _trained_blobs()
+    removed = set(range(0, 300, 5))
+    settings = RepairRound(scorer=KNNShapley(utility="trusted", harm_margin=1.0), treatment=Unchanged())
+    assert settings.selection == {}  # none given: the scorer's rule, per round
+    outcome = settings.run(model, data.train_dataloader(), data.val_dataloader(), removed=removed)
+    kept = sorted(set(range(300)) - removed)
+    mean_value = -float(outcome.scores[kept].double().mean())  # of the examples still in training only
+    assert mean_value > 0 and outcome.record.threshold == pytest.approx(mean_value)
+    expected = torch.nonzero(outcome.scores > mean_value).flatten()  # −value > 1 × mean value; NaN never
+    assert sorted(outcome.causes.tolist()) == expected.tolist() and outcome.record.causes == len(expected) > 0
+    given = RepairRound(treatment=Unchanged(), selection={"top_k": 7}).run(
+        model, data.train_dataloader(), data.val_dataloader())
+    assert given.record.threshold is None and given.record.causes == 7
 
 def test_a_round_without_failures_is_skipped_with_its_reason():
     model, data = _trained_blobs()
