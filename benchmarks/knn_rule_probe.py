@@ -5,9 +5,10 @@ default cause rule (m = 0), the trajectory of the ``repair_harm_margin_0_no_roll
 epochs, so that its rounds come after the default epochs 3 and 7 (0-based). At each round it keeps the scores
 and prints, per rule, how many causes it takes, their precision against the recorded flips and the share of
 the flips still in training that it takes (recall). The second round sees D without the first round's causes.
-One JSON line per round and rule.
+One JSON line per round and rule, appended to ``--out``; ``--report`` writes the table of every line there.
 
-    python -m benchmarks.knn_rule_probe pairs 1 >> benchmarks/results/knn_rule_probe.jsonl
+    python -m benchmarks.knn_rule_probe pairs 1
+    python -m benchmarks.knn_rule_probe --report
 
 One thread; about as long as 8 epochs of the plain fit on this project's CPU (6–7 minutes, two side by side).
 """
@@ -54,12 +55,30 @@ def rule_figures(scores: Tensor, indices: Tensor, flipped: Tensor, margin: float
             "recall": hits / max(int(is_flip.sum()), 1), "flips_in_training": int(is_flip.sum())}
 
 
+def report(lines: list[dict]) -> str:
+    """The Markdown table of the probe's lines, one row per protocol, seed, round and rule."""
+    rows = ["| protocol | seed | round | flips in training | rule | causes | precision | recall |",
+            "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for line in sorted(lines, key=lambda l: (l["protocol"], l["seed"], l["round"], l["harm_margin"])):
+        rule = "value < 0" if line["harm_margin"] == 0 else f"value < −{line['harm_margin']:g} × mean"
+        rows.append(f"| `{line['protocol']}` | {line['seed']} | {line['round']} | {line['flips_in_training']:,} | "
+                    f"{rule} | {line['causes']:,} | {line['precision']:.3f} | {line['recall']:.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("protocol", choices=fit.PROTOCOLS)
-    parser.add_argument("seed", type=int)
+    parser.add_argument("protocol", nargs="?", choices=fit.PROTOCOLS)
+    parser.add_argument("seed", nargs="?", type=int)
     parser.add_argument("--epochs", type=int, default=8, help="8: rounds after epochs 3 and 7 (0-based)")
+    parser.add_argument("--out", type=Path, default=fit.RESULTS / "knn_rule_probe.jsonl")
+    parser.add_argument("--report", action="store_true", help="print the table of every line in --out; run nothing")
     arguments = parser.parse_args(argv)
+    if arguments.report:
+        print(report([json.loads(line) for line in arguments.out.read_text().splitlines() if line.strip()]))
+        return
+    if arguments.protocol is None or arguments.seed is None:
+        parser.error("give a protocol and a seed, or --report")
     torch.set_num_threads(1)
     setting = fit.Setting(arguments.protocol, "50k", arguments.seed, arguments.epochs)
     data = fit._datamodule(setting, setting.protocol)
@@ -67,11 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as root:
         fit._fit(setting, data, fit._new_classifier(setting.seed), [RepairCallback(scorer=scorer, rollback=False)],
                  Path(root))
-    for number, (scores, indices) in enumerate(scorer.rounds, start=1):
-        for margin in MARGINS:
-            print(json.dumps({"protocol": setting.protocol, "seed": setting.seed, "round": number,
-                              "harm_margin": margin, **rule_figures(scores, indices, data.flipped_indices, margin)}),
-                  flush=True)
+    with arguments.out.open("a") as out:
+        for number, (scores, indices) in enumerate(scorer.rounds, start=1):
+            for margin in MARGINS:
+                out.write(json.dumps({"protocol": setting.protocol, "seed": setting.seed, "round": number,
+                                      "harm_margin": margin,
+                                      **rule_figures(scores, indices, data.flipped_indices, margin)}) + "\n")
 
 
 if __name__ == "__main__":

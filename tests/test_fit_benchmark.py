@@ -216,3 +216,10 @@ def test_the_knn_rule_probe_counts_each_rules_causes_against_the_flips_still_in_
                      "flips_in_training": 3}
     strict = rule_figures(scores, indices, flipped, margin=1.0)
     assert strict == {"causes": 2, "precision": 0.5, "recall": pytest.approx(1 / 3), "flips_in_training": 3}
+    from benchmarks.knn_rule_probe import report
+
+    lines = [{"protocol": "pairs", "seed": 1, "round": 1, "harm_margin": margin, **figures}
+             for margin, figures in ((1.0, strict), (0.0, plain))]
+    table = report(lines).splitlines()
+    assert len(table) == 4 and "value < 0 | 3 | 0.667 | 0.667" in table[2]
+    assert "value < −1 × mean | 2 | 0.500" in table[3]  # sorted by rule
