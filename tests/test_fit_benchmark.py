@@ -204,7 +204,7 @@ def test_a_run_pairs_with_the_plain_fit_of_its_own_machine_where_one_ran(tmp_pat
 
 
 def test_the_knn_rule_probe_counts_each_rules_causes_against_the_flips_still_in_training():
-    from benchmarks.knn_rule_probe import rule_figures
+    from benchmarks.knn_rule_probe import report, rule_figures
 
     # Values −scores: mean value 0.1, so m = 1 takes value < −0.1 and m = 0 every negative value.
     scores = torch.tensor([0.5, 0.3, 0.05, -0.2, -0.3, -0.25, -0.4, -0.5])
@@ -216,8 +216,6 @@ def test_the_knn_rule_probe_counts_each_rules_causes_against_the_flips_still_in_
                      "flips_in_training": 3}
     strict = rule_figures(scores, indices, flipped, margin=1.0)
     assert strict == {"causes": 2, "precision": 0.5, "recall": pytest.approx(1 / 3), "flips_in_training": 3}
-    from benchmarks.knn_rule_probe import report
-
     lines = [{"protocol": "pairs", "seed": 1, "round": 1, "harm_margin": margin, **figures}
              for margin, figures in ((1.0, strict), (0.0, plain))]
     table = report(lines).splitlines()

@@ -103,7 +103,6 @@ def test_efficiency_axiom(k: int) -> None:
     assert values.sum().item() == pytest.approx(full, abs=1e-12)
 
 
-
 @pytest.mark.parametrize("harm_margin", [0.0, 1.0, 2.5])
 def test_the_natural_cause_set_is_the_examples_hurting_by_more_than_a_margin_times_the_mean_value(
         harm_margin: float) -> None:
@@ -127,6 +126,7 @@ def test_a_mean_value_below_zero_from_truncation_counts_as_zero_and_a_negative_m
     assert KNNShapley(harm_margin=1.0).threshold_for(torch.tensor([1e-9, 0.0, 2e-9])) == 0.0
     with pytest.raises(ValueError, match="harm_margin must be ≥ 0"):
         KNNShapley(harm_margin=-1.0)
+
 
 def test_mislabeled_nearest_point_is_negative() -> None:
     train_emb = torch.tensor([[0.1, 0.0], [0.2, 0.0], [3.0, 0.0], [4.0, 0.0], [5.0, 0.0]])
