@@ -28,6 +28,7 @@ from benchmarks import fit
 from lightning_repair import RepairCallback
 from lightning_repair.identify import KNNShapley
 from lightning_repair.identify.base import ScoringInputs
+from lightning_repair.selection import select_causes
 
 MARGINS = (0.0, 1.0, 2.0)
 
@@ -47,8 +48,7 @@ class RecordingKNNShapley(KNNShapley):
 
 def rule_figures(scores: Tensor, indices: Tensor, flipped: Tensor, margin: float) -> dict[str, float | int]:
     """Causes, precision and recall of value < −margin × mean value over the scored examples."""
-    threshold = KNNShapley(harm_margin=margin).threshold_for(scores)
-    chosen = indices[scores > threshold]
+    chosen = indices[select_causes(scores, threshold=KNNShapley(harm_margin=margin).threshold_for(scores))]
     is_flip = torch.isin(indices, flipped)
     hits = int(torch.isin(chosen, flipped).sum())
     return {"causes": len(chosen), "precision": hits / max(len(chosen), 1),

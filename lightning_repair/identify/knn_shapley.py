@@ -73,7 +73,6 @@ class KNNShapley(Scorer):
             what an average example adds to it (value < −harm_margin × mean value); 0: every negative value.
     """
 
-    natural_threshold = 0.0
     shardable = False
 
     k: int = 5
