@@ -134,6 +134,11 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_harm_margin_1_no_rollback": _repair(scorer="KNNShapley",
                                                 scorer_settings={"utility": "trusted", "harm_margin": 1.0},
                                                 rollback=False),
+    # A rolled-back round's weights return to θ̂, but its causes stay out unless the repair hurt beyond 2 SE.
+    "repair_removal_margin_2": _repair(removal_margin=2.0),
+    "repair_harm_margin_1_removal_margin_2": _repair(scorer="KNNShapley",
+                                                     scorer_settings={"utility": "trusted", "harm_margin": 1.0},
+                                                     removal_margin=2.0),
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
@@ -148,6 +153,9 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_harm_margin_1": "RepairCallback(scorer=KNNShapley(utility='trusted', harm_margin=1))",
           "repair_harm_margin_1_no_rollback": "RepairCallback(scorer=KNNShapley(utility='trusted', harm_margin=1), "
                                               "rollback=False)",
+          "repair_removal_margin_2": "RepairCallback(removal_margin=2)",
+          "repair_harm_margin_1_removal_margin_2": "RepairCallback(scorer=KNNShapley(utility='trusted', "
+                                                   "harm_margin=1), removal_margin=2)",
           "repair_finetune_head": "RepairCallback(treatment=Finetune(modules=None)), the head alone",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",

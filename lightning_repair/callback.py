@@ -97,6 +97,12 @@ class RepairCallback(Callback):
             removal's doing. 0 (default): the repair must do better than the control, by any amount, but need not
             prove it (a removal also pays off in later epochs, which no round can see). None runs no control. It
             costs a second treatment per round.
+        removal_margin: what a rolled-back round does with its causes. None (default): they go back into training
+            with θ̂'s weights. A number: the weights still roll back, but the causes stay out of training unless
+            the repair lowered estimated validation accuracy on F_h and R by more than this many paired standard
+            errors, against θ̂ or against its control (a treatment that kept θ̂ lowered nothing). A removal pays off
+            in the epochs after the round, which the round's short fine-tune cannot show; the rollback then proves
+            only that the fine-tune's weights are no better yet.
         report: also write, per round, PNG figures (top suspects with given → predicted labels, score histogram,
             accuracy before/after, and the detection curve when the data module has ``flipped_indices``) and a
             Markdown page beside the CSV; the suspects grid also goes to loggers that take images (TensorBoard).
@@ -134,6 +140,7 @@ class RepairCallback(Callback):
         acceptance_margin: float = _DEFAULTS.acceptance_margin,
         max_remaining_drop: float | None = None,
         control_margin: float | None = _DEFAULTS.control_margin,
+        removal_margin: float | None = _DEFAULTS.removal_margin,
         report: bool = False,
         report_images: int = 32,
         seed: int = 0,
@@ -148,7 +155,7 @@ class RepairCallback(Callback):
             query_fraction=query_fraction, max_failures=max_failures, stop_fraction=stop_fraction, params=params,
             batch_size=batch_size, suspects_to_report=suspects_to_report, rollback=rollback,
             acceptance_margin=acceptance_margin, max_remaining_drop=max_remaining_drop,
-            control_margin=control_margin)
+            control_margin=control_margin, removal_margin=removal_margin)
         self.curvature, self.every_n_epochs, self.start_epoch = curvature, every_n_epochs, start_epoch
         self.report, self.report_images, self.seed = report, report_images, seed
         self.rounds: list[RoundRecord] = []
@@ -296,7 +303,7 @@ class RepairCallback(Callback):
         self.settings.backend = outcome.backend or self.settings.backend  # chosen once per fit
         if outcome.record.accepted:
             copy_parameters_(pl_module, outcome.model)
-            self._removed.update(outcome.causes.tolist())
+        self._removed.update(outcome.removed.tolist())  # accepted: C; rolled back: C under removal_margin
         self.rounds.append(outcome.record)
         directory = self.log_dir(trainer)  # on every rank: `trainer.log_dir` is a collective under DDP
         if trainer.is_global_zero:

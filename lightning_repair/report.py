@@ -65,10 +65,13 @@ def write_suspects(path: Path, order: Tensor, scores: Tensor, given: Tensor, pre
 
 
 def outcome(record: RoundRecord) -> str:
-    """"kept", "rolled back" or "skipped: <why>" for a round record."""
+    """"kept", "rolled back", "rolled back, causes removed" (``removal_margin``) or "skipped: <why>" for a round
+    record."""
     if record.get("skipped"):
         return f"skipped: {record['skipped']}"
-    return "kept" if record.get("accepted") else "rolled back"
+    if record.get("accepted"):
+        return "kept"
+    return "rolled back, causes removed" if record.get("removed") else "rolled back"
 
 
 def format_table(rounds: Sequence[RoundRecord]) -> str:

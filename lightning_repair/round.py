@@ -141,8 +141,8 @@ class RoundOutcome:
 
     @property
     def removed(self) -> Tensor:
-        """C when the round was accepted, else nothing."""
-        return self.causes if self.record.accepted else self.causes[:0]
+        """C when it leaves training (an accepted round; a rolled-back one under ``removal_margin``), else nothing."""
+        return self.causes if self.record.removed else self.causes[:0]
 
 
 @dataclass(kw_only=True)
@@ -173,6 +173,7 @@ class RepairRound:
     acceptance_margin: float = DEFAULT_MARGIN
     max_remaining_drop: float | None = None
     control_margin: float | None = 0.0
+    removal_margin: float | None = None
 
     def __post_init__(self) -> None:
         check_selection(**{"top_k": None, "top_fraction": None, "threshold": None, **self.selection})
@@ -194,6 +195,9 @@ class RepairRound:
         if self.control_margin is not None and self.control_margin < 0:
             raise ValueError(f"control_margin must be ≥ 0 standard errors, or None to run no control; got "
                              f"{self.control_margin}.")
+        if self.removal_margin is not None and self.removal_margin < 0:
+            raise ValueError(f"removal_margin must be ≥ 0 standard errors, or None to put a rolled-back round's "
+                             f"causes back into training; got {self.removal_margin}.")
         if self.rollback and self.query_fraction == 1.0:
             raise ValueError("query_fraction=1.0 leaves no held-out failures F_h, and without them no repair can be "
                              "shown to raise validation accuracy, so every round would roll back. Use "
@@ -311,7 +315,7 @@ class _Round:
         record.seconds_treatment = self.clock.lap()
         self.accept(failures, predictions, labels, bool(len(causes)))
         record.causes = len(causes)
-        record.removed = len(causes) if record.accepted else 0
+        record.removed = len(causes) if record.accepted or _removal_kept(self.settings, record) else 0
         record.removed_total += record.removed
         record.precision = precision(causes, flipped) if flipped is not None else None
         record.seconds_total = self.clock.total()
@@ -456,7 +460,10 @@ class _Round:
                 record.rollback = _rollback_reason(settings, verdict, versus_control)
         record.accepted = treated and record.rollback is None
         if record.rollback is not None:
-            rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.")
+            kept_out = (f" Its weights are θ̂ again; its causes stay out of training (removal_margin="
+                        f"{settings.removal_margin:g}: the repair lowered no estimate beyond that margin)."
+                        if _removal_kept(settings, record) else "")
+            rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.{kept_out}")
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
 
@@ -526,6 +533,18 @@ def _rollback_reason(settings: RepairRound, verdict: Verdict, control: Verdict |
                 f"{control.gain:+.4f}, not more than {settings.control_margin:g} × its paired standard error "
                 f"{control.standard_error:.4f}")
     return None
+
+
+def _removal_kept(settings: RepairRound, record: RoundRecord) -> bool:
+    """Whether a treated, rolled-back round's causes still leave training (``removal_margin``): its repair lowered
+    estimated validation accuracy on F_h and R by no more than that many paired standard errors, against θ̂ and
+    against its control where one ran. A treatment that kept θ̂ changed nothing (gain 0), so its causes leave."""
+    margin = settings.removal_margin
+    if margin is None or not record.rollback or record.gain is None:
+        return False
+    verdicts = ((record.gain, record.gain_standard_error),
+                (record.control_gain, record.control_gain_standard_error))
+    return all(gain >= -margin * standard_error for gain, standard_error in verdicts if gain is not None)
 
 
 class _Clock:

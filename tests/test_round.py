@@ -19,6 +19,7 @@ from lightning_repair.adapter import BatchAdapter
 from lightning_repair.failures import predict
 from lightning_repair.identify import KNNShapley, TrainingLoss
 from lightning_repair import round as round_module
+from lightning_repair.report import outcome as round_outcome
 from lightning_repair.round import RepairRound, RoundRecord
 from lightning_repair.treat import BestOf, EWCUnlearning, Finetune, NewtonRemoval, TreatmentInputs
 from lightning_repair.treat.finetune import finetune_candidates
@@ -243,6 +244,45 @@ def test_a_repair_that_does_not_beat_theta_hat_is_rolled_back_without_running_it
     assert treatment.given == [(15, 285)] and record.candidate == "moved"
     assert not record.accepted and record.gain < 0 and "control" not in record.rollback
     assert record.control_candidate is None and record.control_gain is None
+
+
+def test_removal_margin_keeps_a_rolled_back_rounds_causes_out_of_training_unless_the_repair_hurt():
+    """removal_margin decouples the data from the weights: the weights roll back to θ̂ either way; the causes stay
+    out when the repair did no worse than θ̂ and its control beyond the margin, and go back in when it did."""
+    model, data, better = _undertrained_and_better()
+    worse = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}  # predicts one class
+
+    def run(weights, control_weights, margin):
+        return RepairRound(scorer=TrainingLoss(), treatment=_Moves(weights, control_weights), selection={"top_k": 15},
+                           removal_margin=margin).run(model, data.train_dataloader(), data.val_dataloader())
+
+    # No better than its control (a tie: gain over the control 0): rolled back, causes out with the margin.
+    tie = run(better, better, 2.0)
+    assert not tie.record.accepted and "control" in tie.record.rollback and tie.record.control_gain == 0.0
+    assert tie.record.removed == 15 == len(tie.removed) and torch.equal(tie.removed, tie.causes)
+    assert run(better, better, None).record.removed == 0  # the default puts them back
+    # Far worse than θ̂: the causes go back in whatever the margin a user could mean.
+    hurt = run(worse, better, 2.0).record
+    assert hurt.gain < -2.0 * hurt.gain_standard_error and hurt.removed == 0
+    with pytest.raises(ValueError, match="removal_margin"):
+        RepairRound(removal_margin=-1.0)
+
+
+def test_a_callback_with_removal_margin_trains_on_without_a_rolled_back_rounds_causes_at_theta_hat():
+    """The module ends where plain training ends (the round rolled back), yet the round's causes left training."""
+    def fit(*callbacks):
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=list(callbacks),
+                   enable_model_summary=False, enable_checkpointing=False).fit(model, BlobsDataModule())
+        return model
+
+    repair = RepairCallback(scorer=TrainingLoss(), treatment=Unchanged(), top_k=15, start_epoch=0, removal_margin=2.0)
+    repaired, plain = fit(repair), fit()
+    (record,) = repair.rounds
+    assert not record.accepted and "kept θ̂" in record.rollback and record.removed == 15
+    assert len(repair.removed_indices) == 15 and round_outcome(record) == "rolled back, causes removed"
+    assert all(torch.equal(a, b) for a, b in zip(repaired.state_dict().values(), plain.state_dict().values()))
 
 
 def test_only_treatments_that_train_on_the_kept_data_run_a_control():
