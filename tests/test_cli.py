@@ -63,7 +63,8 @@ def test_main_config(capsys: pytest.CaptureFixture) -> None:
     init_args = repair_callback(config)
     assert {key: init_args[key]["class_path"] for key in MAIN_METHODS} == MAIN_METHODS
     assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher"],
-            init_args["fisher_samples"], init_args["control_margin"]) == (None, None, "mc", 1000, 0.0)
+            init_args["fisher_samples"], init_args["control_margin"], init_args["removal_margin"]) == (
+        None, None, "mc", 1000, 0.0, None)
     assert config["trainer"]["max_epochs"] == 5
     assert config["model"]["class_path"] == "lightning_repair.models.ImageClassifier"
     assert config["data"]["class_path"] == "lightning_repair.data.FashionMNISTDataModule"
@@ -103,10 +104,11 @@ def test_composed_config_instantiates(tmp_path: Path) -> None:
                                      "--config", str(CONFIGS / "treat/newton_removal.yaml"),
                                      "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                                      "--trainer.default_root_dir", str(tmp_path),
-                                     "--repair.scorer.init_args.harm_margin", "1.5"])
+                                     "--repair.scorer.init_args.harm_margin", "1.5", "--repair.removal_margin", "2"])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, RepairCallback)]
     assert isinstance(callback.scorer, KNNShapley) and isinstance(callback.treatment, NewtonRemoval)
     assert callback.scorer.utility == "trusted" and callback.scorer.harm_margin == 1.5
     assert callback.selection == {}  # none given: the scorer's own rule, each round
-    assert (callback.start_epoch, callback.settings.fisher_samples) == (None, 1000)
+    assert (callback.start_epoch, callback.settings.fisher_samples, callback.settings.removal_margin) == (None, 1000,
+                                                                                                         2.0)
     assert cli.datamodule.train_dataset is None  # nothing read before `fit` calls setup
