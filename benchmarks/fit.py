@@ -139,6 +139,9 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_harm_margin_1_removal_margin_2": _repair(scorer="KNNShapley",
                                                      scorer_settings={"utility": "trusted", "harm_margin": 1.0},
                                                      removal_margin=2.0),
+    # No unlearning step: each round takes its causes out and the rest of the fit trains on D \ C.
+    "repair_harm_margin_1_exclude": _repair(scorer="KNNShapley", treatment="Exclude",
+                                            scorer_settings={"utility": "trusted", "harm_margin": 1.0}),
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
@@ -156,6 +159,8 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_removal_margin_2": "RepairCallback(removal_margin=2)",
           "repair_harm_margin_1_removal_margin_2": "RepairCallback(scorer=KNNShapley(utility='trusted', "
                                                    "harm_margin=1), removal_margin=2)",
+          "repair_harm_margin_1_exclude": "RepairCallback(scorer=KNNShapley(utility='trusted', harm_margin=1), "
+                                          "treatment=Exclude())",
           "repair_finetune_head": "RepairCallback(treatment=Finetune(modules=None)), the head alone",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",

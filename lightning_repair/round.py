@@ -399,6 +399,9 @@ class _Round:
     def treat(self, failures: FailureSet, labels: Tensor, fisher: list[Tensor] | None, causes: Tensor) -> None:
         """Moves the repair copy from θ̂ to the treatment's choice among its candidates (judged on F_q and R_q)."""
         settings = self.settings
+        if not settings.treatment.moves_weights:  # nothing to judge: θ̂ stays, C leaves training
+            self.record.candidates_rated = 0
+            return
         self.judge = Judge(self.model, self.correctness_on(failures.query, labels),
                            self.correctness_on(failures.guard, labels), self.failure_share,
                            margin=settings.acceptance_margin, max_remaining_drop=settings.max_remaining_drop)
@@ -450,7 +453,9 @@ class _Round:
         record.failure_share, record.gain, record.gain_standard_error = (
             self.failure_share, verdict.gain, verdict.standard_error)
         rated = (record.candidates_rated or 0) if record.candidate is None else None  # None: the treatment moved
-        record.rollback = _rollback_reason(settings, verdict, rated=rated) if treated else None
+        # A treatment that moves no weight (Exclude) leaves nothing to roll back: its round only takes C out.
+        judged = treated and settings.treatment.moves_weights
+        record.rollback = _rollback_reason(settings, verdict, rated=rated) if judged else None
         if record.rollback is None and treated and self.needs_control():
             control = self.control()
             if control is not None:

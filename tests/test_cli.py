@@ -28,6 +28,7 @@ METHODS = {
     "treat/finetune.yaml": ("treatment", "lightning_repair.treat.Finetune"),
     "treat/newton_removal.yaml": ("treatment", "lightning_repair.treat.NewtonRemoval"),
     "treat/energy_alignment.yaml": ("treatment", "lightning_repair.treat.EnergyAlignment"),
+    "treat/exclude.yaml": ("treatment", "lightning_repair.treat.Exclude"),
 }
 MAIN_METHODS = {"scorer": "lightning_repair.identify.KNNShapley", "treatment": "lightning_repair.treat.Finetune"}
 

@@ -21,7 +21,7 @@ from lightning_repair.identify import KNNShapley, TrainingLoss
 from lightning_repair import round as round_module
 from lightning_repair.report import outcome as round_outcome
 from lightning_repair.round import RepairRound, RoundRecord
-from lightning_repair.treat import BestOf, EWCUnlearning, Finetune, NewtonRemoval, TreatmentInputs
+from lightning_repair.treat import BestOf, EWCUnlearning, Exclude, Finetune, NewtonRemoval, TreatmentInputs
 from lightning_repair.treat.finetune import finetune_candidates
 
 
@@ -338,3 +338,17 @@ def test_a_treatment_that_can_move_nothing_in_the_repair_scope_fails_before_trai
     RepairRound(treatment=Finetune(), params=["net.0"]).check_scope(model)  # every layer: net.0 is enough
     with pytest.raises(ValueError, match=r"^`params` names modules \['nope'\] that the model does not have"):
         RepairRound(params=["nope"]).check_scope(model)  # a typo keeps its own message
+
+
+def test_exclude_moves_no_weight_and_its_round_takes_the_causes_out_of_training():
+    """Exclude's round keeps θ̂'s weights (nothing to judge or roll back) and removes C, with the gate on."""
+    model, data = _trained_blobs(epochs=1)
+    before = copy.deepcopy(model.state_dict())
+    outcome = RepairRound(scorer=TrainingLoss(), treatment=Exclude(), selection={"top_k": 15}).run(
+        model, data.train_dataloader(), data.val_dataloader())
+    record = outcome.record
+    assert record.accepted and record.rollback is None and record.removed == 15 and len(outcome.removed) == 15
+    assert record.candidates_rated == 0 and record.control_gain is None and record.gain == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(outcome.model.state_dict().values(), before.values()))
+    assert not Exclude().moves_weights and Finetune().moves_weights
+    assert BestOf(treatments=[Exclude(), Finetune()]).moves_weights and not BestOf(treatments=[Exclude()]).moves_weights

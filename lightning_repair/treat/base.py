@@ -56,11 +56,13 @@ class Treatment(Method, ABC):
             round then also runs it with nothing removed (the control) and keeps the repair only if it beats that.
         patience: stop after this many candidates in a row that do not improve on the best rating seen; None
             rates them all.
+        moves_weights: False for a treatment that only takes C out of training (:class:`Exclude`).
     """
 
     needs_fisher: bool = False
     trains_on_kept: bool = False
     patience: int | None = None
+    moves_weights: bool = True
 
     @property
     def moving_modules(self) -> Sequence[str] | Literal["all"] | None:

@@ -46,6 +46,10 @@ class BestOf(Treatment):
         removed, and the repair must beat the best of those treatments on all of D."""
         return any(t.trains_on_kept for t in self.treatments)
 
+    @property
+    def moves_weights(self) -> bool:  # type: ignore[override]
+        return any(t.moves_weights for t in self.treatments)
+
     def check_scope(self, model: nn.Module) -> None:
         for treatment in self.treatments:
             treatment.check_scope(model)

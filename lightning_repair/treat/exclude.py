@@ -1,0 +1,28 @@
+"""No unlearning step: the causes leave training and the rest of the fit unlearns them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_repair.treat.base import Treatment, TreatmentInputs
+
+
+@dataclass(kw_only=True)
+class Exclude(Treatment):
+    """Moves no weight: the round only takes its causes C out of training, and the epochs after it train on D \\ C.
+
+    The cheapest round (scores, and no treatment or judgement after them), and the form in which a fit that goes on
+    for many epochs after a round may need no unlearning step of its own. The acceptance rule judges weights, and
+    this treatment leaves θ̂'s, so its rounds are kept: their causes always leave training.
+    """
+
+    moves_weights = False
+
+    def check_scope(self, model: nn.Module) -> None:
+        """Moves no parameter, so any repair scope will do."""
+
+    def candidates(self, inputs: TreatmentInputs) -> Iterator[object]:
+        yield from ()
