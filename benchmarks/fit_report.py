@@ -206,15 +206,19 @@ def _rounds_section(runs: dict[str, dict[int, dict[str, Any]]]) -> str:
             if not rounds:
                 continue
             kept = [r for r in rounds if r.get("accepted")]
+            out = [r for r in rounds if r.get("removed")]  # also a rolled-back round's, under removal_margin
             rows.append([LABELS[run], str(seed), str(rounds[0]["epoch"]), str(len(rounds)), str(len(kept)),
                          ", ".join(str(r["epoch"]) for r in kept) or "—",
+                         ", ".join(str(r["epoch"]) for r in out) or "—",
                          str(sum(r.get("removed") or 0 for r in rounds)),
                          f"{record['precision']:.2f}" if record.get("precision") is not None else "—"])
     if not rows:
         return ""
     return ("Rounds of the callback (epochs 0-based; the first round's epoch tells which default start a run "
-            "had):\n\n" + _table(["run", "seed", "first round", "rounds", "kept", "kept after epochs", "removed",
-                                  "precision"], rows))
+            "had; a round's causes leave training when it is kept, and under `removal_margin` also when its "
+            "weights roll back):\n\n"
+            + _table(["run", "seed", "first round", "rounds", "kept", "kept after epochs", "causes out after epochs",
+                      "removed", "precision"], rows))
 
 
 def plot_curves(path: Path, runs: dict[str, dict[int, dict[str, Any]]], title: str) -> None:

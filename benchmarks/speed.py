@@ -61,6 +61,12 @@ def _finetune_head() -> dict[str, Any]:
     return {"treatment": Finetune(modules=None)}
 
 
+def _exclude() -> dict[str, Any]:
+    from lightning_repair.treat import Exclude
+
+    return {"treatment": Exclude()}
+
+
 # A round's phases, from its record's `seconds_*`: the row key's suffix, the label and the field; whatever the
 # record does not split among them is "predict after + suspects CSV" (suffix `_other`).
 ROUND_PHASES = (("_failures", "  failures + the head's inputs over V (one no-grad pass)", "seconds_failures"),
@@ -73,6 +79,7 @@ ROUND_SUFFIXES = (*(suffix for suffix, _, _ in ROUND_PHASES), "_other")
 ROUND_VARIANTS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "round_finetune_head": ("whole repair round, fine-tuning the head alone "
                             "(RepairCallback(treatment=Finetune(modules=None)))", _finetune_head),
+    "round_exclude": ("whole repair round, no unlearning step (RepairCallback(treatment=Exclude()))", _exclude),
 }
 MEMORY_OVERHEAD_TARGET = 0.10    # a round's peak RSS ≤ 1.10 × plain training's
 # "Does not grow with N beyond one number per example": 4–8 bytes per example is far below what ru_maxrss can

@@ -221,3 +221,12 @@ def test_the_knn_rule_probe_counts_each_rules_causes_against_the_flips_still_in_
     table = report(lines).splitlines()
     assert len(table) == 4 and "value < 0 | 3 | 0.667 | 0.667" in table[2]
     assert "value < −1 × mean | 2 | 0.500" in table[3]  # sorted by rule
+
+
+def test_the_rounds_table_tells_kept_rounds_from_rolled_back_ones_whose_causes_left():
+    from benchmarks.fit_report import _rounds_section
+
+    rounds = [{"epoch": 3, "accepted": False, "removed": 5}, {"epoch": 7, "accepted": True, "removed": 2},
+              {"epoch": 9, "accepted": False, "removed": 0}]
+    table = _rounds_section({"repair_removal_margin_2": {1: {"rounds": rounds, "precision": 0.5}}})
+    assert "| RepairCallback(removal_margin=2) | 1 | 3 | 3 | 1 | 7 | 3, 7 | 7 | 0.50 |" in table
