@@ -102,40 +102,55 @@ class FlipOracle(Scorer):
         return torch.isin(indices, self.flipped).float()
 
 
+# What the callback's defaults were before `removal_margin=2` and KNN-Shapley's `harm_margin=1`: every run named
+# before then pins them, so that it keeps its meaning, and its cached fits, now that the defaults changed.
+EARLIER_DEFAULTS: dict[str, Any] = {"scorer": "KNNShapley", "scorer_settings": {"utility": "trusted"},
+                                    "removal_margin": None}
+
+
+def _earlier(**settings: Any) -> Callable[[Tensor], list]:
+    """:func:`_repair` with the earlier defaults wherever ``settings`` do not say otherwise."""
+    pinned = {**EARLIER_DEFAULTS, **settings}
+    if "scorer" in settings:  # a scorer of its own brings its own settings
+        pinned["scorer_settings"] = settings.get("scorer_settings")
+    return _repair(**pinned)
+
+
 # The callback's runs: its defaults, each configuration the README recommends, the other treatments, and the
 # variants the defaults were chosen against (each names its treatment and start, so it keeps its meaning when a
 # default changes).
 REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair": _repair(),
-    "repair_no_control": _repair(control_margin=None),  # the defaults before the control fine-tune
-    "repair_start_1": _repair(start_epoch=1),  # the defaults before the earliest start became epoch 3 (`50k`)
-    "repair_control_margin_2": _repair(control_margin=2.0),
-    "repair_ewc": _repair(treatment="EWCUnlearning"),
-    "repair_ewc_start_1": _repair(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
-    "repair_newton": _repair(treatment="NewtonRemoval"),
-    "repair_energy_alignment": _repair(treatment="EnergyAlignment"),
-    "repair_best_of": _repair(treatment="BestOf"),
-    "repair_training_loss_finetune": _repair(scorer="TrainingLoss", treatment="Finetune"),
-    "repair_training_loss_finetune_no_control": _repair(scorer="TrainingLoss", treatment="Finetune",
-                                                       control_margin=None),
-    "repair_margin_1": _repair(treatment="EWCUnlearning", start_epoch=1, acceptance_margin=1.0),
-    "repair_start_15": _repair(treatment="EWCUnlearning", start_epoch=15),
-    "repair_start_31": _repair(treatment="EWCUnlearning", start_epoch=31),
+    "repair_no_control": _earlier(control_margin=None),  # the defaults before the control fine-tune
+    "repair_start_1": _earlier(start_epoch=1),  # the defaults before the earliest start became epoch 3 (`50k`)
+    "repair_control_margin_2": _earlier(control_margin=2.0),
+    "repair_ewc": _earlier(treatment="EWCUnlearning"),
+    "repair_ewc_start_1": _earlier(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
+    "repair_newton": _earlier(treatment="NewtonRemoval"),
+    "repair_energy_alignment": _earlier(treatment="EnergyAlignment"),
+    "repair_best_of": _earlier(treatment="BestOf"),
+    "repair_training_loss_finetune": _earlier(scorer="TrainingLoss", treatment="Finetune"),
+    "repair_training_loss_finetune_no_control": _earlier(scorer="TrainingLoss", treatment="Finetune",
+                                                        control_margin=None),
+    "repair_margin_1": _earlier(treatment="EWCUnlearning", start_epoch=1, acceptance_margin=1.0),
+    "repair_start_15": _earlier(treatment="EWCUnlearning", start_epoch=15),
+    "repair_start_31": _earlier(treatment="EWCUnlearning", start_epoch=31),
     # Bounds, not methods: the defaults given a perfect detector, without their gate, and with a gentler fine-tune
     # (fresh Adam's first steps move every weight by about lr).
-    "repair_flip_oracle": _repair(scorer="FlipOracle"),
-    "repair_flip_oracle_no_rollback": _repair(scorer="FlipOracle", rollback=False),  # what the gate costs
-    "repair_flip_oracle_finetune_lr_1e-4": _repair(scorer="FlipOracle", treatment="Finetune",
-                                                   treatment_settings={"lr": 1e-4}),
-    "repair_no_rollback": _repair(rollback=False),  # the defaults' own causes, kept whatever the gate would say
-    "repair_finetune_head": _repair(treatment="Finetune", treatment_settings={"modules": None}),  # a cheaper round
+    "repair_flip_oracle": _earlier(scorer="FlipOracle"),
+    "repair_flip_oracle_no_rollback": _earlier(scorer="FlipOracle", rollback=False),  # what the gate costs
+    "repair_flip_oracle_finetune_lr_1e-4": _earlier(scorer="FlipOracle", treatment="Finetune",
+                                                    treatment_settings={"lr": 1e-4}),
+    "repair_no_rollback": _earlier(rollback=False),  # the defaults' own causes, kept whatever the gate would say
+    "repair_finetune_head": _earlier(treatment="Finetune", treatment_settings={"modules": None}),  # a cheaper round
     # KNN-Shapley's causes: value < −1 × the mean value instead of value < 0 (fewer clean examples near failures)
-    "repair_harm_margin_1": _repair(scorer="KNNShapley", scorer_settings={"utility": "trusted", "harm_margin": 1.0}),
-    "repair_harm_margin_1_no_rollback": _repair(scorer="KNNShapley",
-                                                scorer_settings={"utility": "trusted", "harm_margin": 1.0},
-                                                rollback=False),
+    "repair_harm_margin_1": _earlier(scorer="KNNShapley",
+                                     scorer_settings={"utility": "trusted", "harm_margin": 1.0}),
+    "repair_harm_margin_1_no_rollback": _earlier(scorer="KNNShapley",
+                                                 scorer_settings={"utility": "trusted", "harm_margin": 1.0},
+                                                 rollback=False),
     # A rolled-back round's weights return to θ̂, but its causes stay out unless the repair hurt beyond 2 SE.
-    "repair_removal_margin_2": _repair(removal_margin=2.0),
+    "repair_removal_margin_2": _earlier(removal_margin=2.0),
     "repair_harm_margin_1_removal_margin_2": _repair(scorer="KNNShapley",
                                                      scorer_settings={"utility": "trusted", "harm_margin": 1.0},
                                                      removal_margin=2.0),

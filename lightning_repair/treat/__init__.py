@@ -14,6 +14,6 @@ from lightning_repair.treat.newton import NewtonRemoval, newton_removal
 
 # The treatments and their plain functions; helpers (lissa_inverse_hvp, energy, ...) stay in their modules.
 __all__ = [
-    "BestOf", "EWCUnlearning", "EnergyAlignment", "Exclude", "Finetune", "NewtonRemoval", "Treatment", "TreatmentInputs",
-    "energy_alignment", "ewc_unlearning", "finetune", "newton_removal",
+    "BestOf", "EWCUnlearning", "EnergyAlignment", "Exclude", "Finetune", "NewtonRemoval", "Treatment",
+    "TreatmentInputs", "energy_alignment", "ewc_unlearning", "finetune", "newton_removal",
 ]
