@@ -14,10 +14,10 @@ from lightning_repair.treat.base import Treatment, TreatmentInputs
 class Exclude(Treatment):
     """Moves no weight: the round only takes its causes C out of training, and the epochs after it train on D \\ C.
 
-    The cheapest round: nothing runs after the scores (no fine-tune, control, judgement or prediction after). It
-    suits a fit with many epochs left after its rounds, whose own training on D \\ C unlearns the causes. The
-    acceptance rule judges weights, and this treatment leaves θ̂'s, so its rounds are kept: their causes always
-    leave training.
+    The cheapest round: after the scores only the suspects CSV's rows are predicted (no fine-tune, control,
+    judgement or prediction of V after). It suits a fit with many epochs left after its rounds, whose own training
+    on D \\ C unlearns the causes. The acceptance rule judges weights, and this treatment leaves θ̂'s, so its rounds
+    are kept: their causes always leave training.
     """
 
     moves_weights = False
