@@ -102,10 +102,11 @@ class FlipOracle(Scorer):
         return torch.isin(indices, self.flipped).float()
 
 
-# What the callback's defaults were before `removal_margin=2` and KNN-Shapley's `harm_margin=1`: every run named
-# before then pins them, so that it keeps its meaning, and its cached fits, now that the defaults changed.
+# The callback's defaults when `removal_margin` and KNN-Shapley's `harm_margin` were added: every run named before
+# then pins them, so that it keeps its meaning, and its cached fits, if a default changes.
 EARLIER_DEFAULTS: dict[str, Any] = {"scorer": "KNNShapley", "scorer_settings": {"utility": "trusted"},
                                     "removal_margin": None}
+HARM_MARGIN_1 = {"utility": "trusted", "harm_margin": 1.0}  # KNN-Shapley's stricter rule: value < −1 × mean value
 
 
 def _earlier(**settings: Any) -> Callable[[Tensor], list]:
@@ -144,19 +145,14 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_no_rollback": _earlier(rollback=False),  # the defaults' own causes, kept whatever the gate would say
     "repair_finetune_head": _earlier(treatment="Finetune", treatment_settings={"modules": None}),  # a cheaper round
     # KNN-Shapley's causes: value < −1 × the mean value instead of value < 0 (fewer clean examples near failures)
-    "repair_harm_margin_1": _earlier(scorer="KNNShapley",
-                                     scorer_settings={"utility": "trusted", "harm_margin": 1.0}),
-    "repair_harm_margin_1_no_rollback": _earlier(scorer="KNNShapley",
-                                                 scorer_settings={"utility": "trusted", "harm_margin": 1.0},
-                                                 rollback=False),
+    "repair_harm_margin_1": _earlier(scorer="KNNShapley", scorer_settings=HARM_MARGIN_1),
+    "repair_harm_margin_1_no_rollback": _earlier(scorer="KNNShapley", scorer_settings=HARM_MARGIN_1, rollback=False),
     # A rolled-back round's weights return to θ̂, but its causes stay out unless the repair hurt beyond 2 SE.
     "repair_removal_margin_2": _earlier(removal_margin=2.0),
-    "repair_harm_margin_1_removal_margin_2": _repair(scorer="KNNShapley",
-                                                     scorer_settings={"utility": "trusted", "harm_margin": 1.0},
+    "repair_harm_margin_1_removal_margin_2": _repair(scorer="KNNShapley", scorer_settings=HARM_MARGIN_1,
                                                      removal_margin=2.0),
     # No unlearning step: each round takes its causes out and the rest of the fit trains on D \ C.
-    "repair_harm_margin_1_exclude": _repair(scorer="KNNShapley", treatment="Exclude",
-                                            scorer_settings={"utility": "trusted", "harm_margin": 1.0}),
+    "repair_harm_margin_1_exclude": _repair(scorer="KNNShapley", treatment="Exclude", scorer_settings=HARM_MARGIN_1),
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols

@@ -1,7 +1,7 @@
 """Which of KNN-Shapley's own cause rules takes fewer clean examples: value < −m × the mean value, for m = 0, 1, 2?
 
 Runs ``benchmarks.fit``'s ``50k`` fit of a protocol and seed with ``RepairCallback(rollback=False)`` and the
-default cause rule (m = 0), the trajectory of the ``repair_harm_margin_0_no_rollback`` fit, for ``--epochs``
+default cause rule (m = 0), the trajectory of the ``repair_no_rollback`` fit, for ``--epochs``
 epochs, so that its rounds come after the default epochs 3 and 7 (0-based). At each round it keeps the scores
 and prints, per rule, how many causes it takes, their precision against the recorded flips and the share of
 the flips still in training that it takes (recall). The second round sees D without the first round's causes.

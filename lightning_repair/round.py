@@ -273,6 +273,7 @@ class _Round:
         self.head_cache: HeadCache | None = None
         self.judge: Judge | None = None  # the treatment's judge on F_q and R_q, once it runs
         self.fisher: list[Tensor] | None = None
+        self.causes_leave = False  # whether C leaves training: decided by the acceptance rule
         self.clock = _Clock()
 
     def run(self, epoch: int | None, global_step: int | None, flipped: Tensor | None,
@@ -315,7 +316,7 @@ class _Round:
         record.seconds_treatment = self.clock.lap()
         self.accept(failures, predictions, labels, bool(len(causes)))
         record.causes = len(causes)
-        record.removed = len(causes) if record.accepted or _removal_kept(self.settings, record) else 0
+        record.removed = len(causes) if self.causes_leave else 0
         record.removed_total += record.removed
         record.precision = precision(causes, flipped) if flipped is not None else None
         record.seconds_total = self.clock.total()
@@ -464,10 +465,11 @@ class _Round:
                     versus_control.gain, versus_control.standard_error)
                 record.rollback = _rollback_reason(settings, verdict, versus_control)
         record.accepted = treated and record.rollback is None
+        self.causes_leave = record.accepted or _removal_kept(settings, record)
         if record.rollback is not None:
             kept_out = (f" Its weights are θ̂ again; its causes stay out of training (removal_margin="
                         f"{settings.removal_margin:g}: the repair lowered no estimate beyond that margin)."
-                        if _removal_kept(settings, record) else "")
+                        if self.causes_leave else "")
             rank_zero_info(f"RepairCallback: round {record.round} rolled back: {record.rollback}.{kept_out}")
 
     # ---- bookkeeping --------------------------------------------------------------------------------------
@@ -545,7 +547,7 @@ def _removal_kept(settings: RepairRound, record: RoundRecord) -> bool:
     estimated validation accuracy on F_h and R by no more than that many paired standard errors, against θ̂ and
     against its control where one ran. A treatment that kept θ̂ changed nothing (gain 0), so its causes leave."""
     margin = settings.removal_margin
-    if margin is None or not record.rollback or record.gain is None:
+    if margin is None or not record.rollback:
         return False
     verdicts = ((record.gain, record.gain_standard_error),
                 (record.control_gain, record.control_gain_standard_error))
