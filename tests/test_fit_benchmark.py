@@ -230,3 +230,24 @@ def test_the_rounds_table_tells_kept_rounds_from_rolled_back_ones_whose_causes_l
               {"epoch": 9, "accepted": False, "removed": 0}]
     table = _rounds_section({"repair_removal_margin_2": {1: {"rounds": rounds, "precision": 0.5}}})
     assert "| RepairCallback(removal_margin=2) | 1 | 3 | 3 | 1 | 7 | 3, 7 | 7 | 0.50 |" in table
+
+
+def test_the_clean_label_protocol_runs_only_when_asked_and_is_reported_last(tmp_path):
+    import json
+
+    from benchmarks import fit
+    from benchmarks.fit_report import write_fit_results
+
+    assert fit.parse_arguments([]).protocols == ["pairs", "symmetric"]
+    assert fit.parse_arguments(["--collect"]).protocols == ["pairs", "symmetric", "none"]
+    assert fit.parse_arguments(["--protocols", "none"]).protocols == ["none"]
+    clean, pairs = fit.Setting("none", "3k-mem", 0, 150), fit.Setting("pairs", "3k-mem", 0, 150)
+    for setting in (clean, pairs):
+        for run, test in (("plain", 0.85), ("repair", 0.84)):
+            record = _record(run, 0, test, 10.0, precision=0.0 if run == "repair" else None)
+            record["setting"]["protocol"] = setting.protocol
+            fit.cache_path(setting, run, tmp_path).write_text(json.dumps(record))
+    write_fit_results(fit.collect([clean, pairs], ["plain", "repair"], tmp_path), tmp_path / "out")
+    report = (tmp_path / "out" / "fit.md").read_text()
+    assert report.index("## `pairs`, `3k-mem`") < report.index("## `none`, `3k-mem`")
+    assert "Clean labels: no flips" in report.split("## `none`")[1]
