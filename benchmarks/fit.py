@@ -105,10 +105,11 @@ class FlipOracle(Scorer):
         return torch.isin(indices, self.flipped).float()
 
 
-# The callback's defaults when `removal_margin` and KNN-Shapley's `harm_margin` were added: every run named before
-# then pins them, so that it keeps its meaning, and its cached fits, if a default changes.
+# The callback's defaults when `removal_margin` and KNN-Shapley's `harm_margin` were added, and until `Exclude`
+# became the default treatment: every run named before then pins them, so that it keeps its meaning, and its cached
+# fits, when a default changes.
 EARLIER_DEFAULTS: dict[str, Any] = {"scorer": "KNNShapley", "scorer_settings": {"utility": "trusted"},
-                                    "removal_margin": None}
+                                    "treatment": "Finetune", "removal_margin": None}
 HARM_MARGIN_1 = {"utility": "trusted", "harm_margin": 1.0}  # KNN-Shapley's stricter rule: value < −1 × mean value
 
 
@@ -125,6 +126,7 @@ def _earlier(**settings: Any) -> Callable[[Tensor], list]:
 # default changes).
 REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair": _repair(),
+    "repair_finetune": _earlier(),  # the defaults before Exclude: fine-tuning on D \ C, value < 0
     "repair_no_control": _earlier(control_margin=None),  # the defaults before the control fine-tune
     "repair_start_1": _earlier(start_epoch=1),  # the defaults before the earliest start became epoch 3 (`50k`)
     "repair_control_margin_2": _earlier(control_margin=2.0),
@@ -153,9 +155,7 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     # A rolled-back round's weights return to θ̂, but its causes stay out unless the repair hurt beyond 2 SE.
     "repair_removal_margin_2": _earlier(removal_margin=2.0),
     "repair_harm_margin_1_removal_margin_2": _repair(scorer="KNNShapley", scorer_settings=HARM_MARGIN_1,
-                                                     removal_margin=2.0),
-    # No unlearning step: each round takes its causes out and the rest of the fit trains on D \ C.
-    "repair_harm_margin_1_exclude": _repair(scorer="KNNShapley", treatment="Exclude", scorer_settings=HARM_MARGIN_1),
+                                                     treatment="Finetune", removal_margin=2.0),
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols
@@ -173,8 +173,8 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_removal_margin_2": "RepairCallback(removal_margin=2)",
           "repair_harm_margin_1_removal_margin_2": "RepairCallback(scorer=KNNShapley(utility='trusted', "
                                                    "harm_margin=1), removal_margin=2)",
-          "repair_harm_margin_1_exclude": "RepairCallback(scorer=KNNShapley(utility='trusted', harm_margin=1), "
-                                          "treatment=Exclude())",
+          "repair_finetune": "RepairCallback(scorer=KNNShapley(utility='trusted'), treatment=Finetune()), the defaults "
+                             "before Exclude",
           "repair_finetune_head": "RepairCallback(treatment=Finetune(modules=None)), the head alone",
           "repair_flip_oracle_finetune_lr_1e-4": "RepairCallback(scorer=a perfect detector, "
                                                  "treatment=Finetune(lr=1e-4))",

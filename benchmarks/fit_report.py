@@ -138,7 +138,11 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
                 "methods a user could run: *oracle removal* trains on D without its flips from the start (the most "
                 "a repair that removes data could buy), and *a perfect detector* is the callback given exactly the "
                 "flips as causes each round, with its default schedule, treatment and acceptance rule unless the "
-                "row says otherwise (what those make of a perfect cause set)."]
+                "row says otherwise (what those make of a perfect cause set). *RepairCallback() defaults* are "
+                "today's: `KNNShapley(utility='trusted', harm_margin=1)` and `Exclude()`. Every other callback row "
+                "changes the defaults it was run under, which it keeps whatever today's are: "
+                "`KNNShapley(utility='trusted')` (value < 0), `Finetune()` and `removal_margin=None`; a scorer or "
+                "treatment the row names replaces theirs."]
     for (protocol, regime), runs in in_order:
         summary = summaries[f"{protocol}_{regime}"]
         order = [run for run in RUNS if run in summary]

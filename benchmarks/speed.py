@@ -46,12 +46,14 @@ EPOCH_TARGET = {"linear": 1.5, "ewc": 1.5, "knn": 0.75, "round": 0.75}   # at N 
 SMALL_N_SCORER_TARGET = 1.0   # at N ≤ 5,000 (the 3k regime) every scorer ≤ one epoch
 SCALING_N = (10_000, 25_000)  # sizes of D whose whole round is also timed, to show how it grows
 RESNET_N = 2_000              # training images of the ResNet-18 rounds
-# The ResNet-18 rounds, one Trainer.fit each: what the callback picks by itself, and each backend forced.
-RESNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "RepairCallback() (curvature='auto')": {},
-    "curvature='backpack'": {"curvature": "backpack"},
-    "curvature='torch_func'": {"curvature": "torch_func"},
-    "curvature='backpack', params=['net.fc']": {"curvature": "backpack", "params": ["net.fc"]},
+# The ResNet-18 rounds, one Trainer.fit each: the default round, a fine-tune's, and EWC deletion's per backend.
+RESNET_CONFIGS: dict[str, dict[str, Any]] = {  # the callback's arguments; "treatment" names a class of treat
+    "RepairCallback()": {},
+    "treatment=Finetune()": {"treatment": "Finetune"},
+    # EWC deletion needs the diagonal Fisher, so the curvature backend decides its cost (or whether it runs).
+    "treatment=EWCUnlearning(), curvature='auto'": {"treatment": "EWCUnlearning"},
+    "treatment=EWCUnlearning(), curvature='backpack'": {"treatment": "EWCUnlearning", "curvature": "backpack"},
+    "treatment=EWCUnlearning(), curvature='torch_func'": {"treatment": "EWCUnlearning", "curvature": "torch_func"},
 }
 
 
@@ -61,10 +63,14 @@ def _finetune_head() -> dict[str, Any]:
     return {"treatment": Finetune(modules=None)}
 
 
-def _exclude() -> dict[str, Any]:
-    from lightning_repair.treat import Exclude
+def _finetune() -> dict[str, Any]:
+    from lightning_repair.treat import Finetune
 
-    return {"treatment": Exclude()}
+    return {"treatment": Finetune()}
+
+
+def _own_rule() -> dict[str, Any]:
+    return {"top_fraction": None}
 
 
 # A round's phases, from its record's `seconds_*`: the row key's suffix, the label and the field; whatever the
@@ -72,14 +78,17 @@ def _exclude() -> dict[str, Any]:
 ROUND_PHASES = (("_failures", "  failures + the head's inputs over V (one no-grad pass)", "seconds_failures"),
                 ("_fisher", "  Fisher", "seconds_fisher"),
                 ("_scores", "  scores (KNN-Shapley, trusted)", "seconds_scores"),
-                ("_treatment", "  suspects + treatment (fine-tune and its control)", "seconds_treatment"))
+                ("_treatment", "  suspects + treatment", "seconds_treatment"))
 ROUND_SUFFIXES = (*(suffix for suffix, _, _ in ROUND_PHASES), "_other")
 # Whole rounds of other configurations, timed like the default's (same fits, `repeats` each): label, and the
 # callback's arguments (built when the round runs).
 ROUND_VARIANTS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+    "round_own_rule": ("whole default round, taking the causes by the scorer's own rule (value < −1 × mean value) "
+                       "instead of the top 2 %", _own_rule),
+    "round_finetune": ("whole repair round, fine-tuning on D \\ C and its control "
+                       "(RepairCallback(treatment=Finetune()), the default treatment before Exclude)", _finetune),
     "round_finetune_head": ("whole repair round, fine-tuning the head alone "
                             "(RepairCallback(treatment=Finetune(modules=None)))", _finetune_head),
-    "round_exclude": ("whole repair round, no unlearning step (RepairCallback(treatment=Exclude()))", _exclude),
 }
 MEMORY_OVERHEAD_TARGET = 0.10    # a round's peak RSS ≤ 1.10 × plain training's
 # "Does not grow with N beyond one number per example": 4–8 bytes per example is far below what ru_maxrss can
@@ -245,11 +254,13 @@ def resnet_rounds(n: int, device: torch.device) -> list[dict]:
     """One ``Trainer.fit`` of one epoch per entry of ``RESNET_CONFIGS``, each from the same initial weights, with
     the round after its validation; returns each round's seconds and the fit's training epoch, or why it failed."""
     from benchmarks.report import failure
-    from lightning_repair import RepairCallback
+    from lightning_repair import RepairCallback, treat
 
     data = data_module(n)
     results = []
-    for label, arguments in RESNET_CONFIGS.items():
+    for label, config in RESNET_CONFIGS.items():
+        named = config.get("treatment")
+        arguments = {**config, **({"treatment": getattr(treat, named)()} if named else {})}
         repair = RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH, **arguments)
         clock = epoch_clock()
         try:
@@ -274,10 +285,10 @@ def resnet_report(results: list[dict], n: int) -> list[str]:
              f"max-pool; only the first convolution takes 1 channel) in `ImageClassifier`, on the first {n:,} "
              "images, `Trainer.fit` of one epoch from the same initial weights, then one round "
              f"(`RepairCallback(start_epoch=0, top_fraction={TOP_FRACTION}, batch_size={REPAIR_BATCH}, ...)`, "
-             "defaults otherwise: KNN-Shapley (trusted) + fine-tuning on D \\ C and its control). One run each; "
-             "every ratio is to the same fit's training epoch. The Fisher averages over `fisher_samples` (1,000) "
-             "examples whatever N, so at a small N it dominates the whole network's round; with "
-             "`params=['net.fc']` BackPACK follows the head alone (the body needs no gradient).", "",
+             "defaults otherwise: KNN-Shapley (trusted) scores, and the causes leave training). One run each; "
+             "every ratio is to the same fit's training epoch. Only EWC deletion needs the diagonal Fisher, so only "
+             "its rows depend on the curvature backend; the Fisher averages over `fisher_samples` (1,000) "
+             "examples whatever N, so at a small N it dominates such a round.", "",
              "| configuration | backend used | training epoch (s) | round (s) | round ÷ epoch | Fisher | scores | "
              "treatment |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results:
@@ -478,7 +489,8 @@ def run(args: argparse.Namespace) -> dict:
 
     # (g) a whole round as the callback runs it: Trainer.fit of one epoch, the round after its validation.
     def fit_with_round(fit_data, **arguments: Any) -> tuple[dict, float]:
-        repair = RepairCallback(start_epoch=0, top_fraction=TOP_FRACTION, batch_size=REPAIR_BATCH, **arguments)
+        repair = RepairCallback(**{"start_epoch": 0, "top_fraction": TOP_FRACTION, "batch_size": REPAIR_BATCH,
+                                   **arguments})
         clock = epoch_clock()
         with tempfile.TemporaryDirectory() as root:
             trainer(device, root, [repair, clock]).fit(new_module(state), fit_data)
@@ -513,8 +525,8 @@ def run(args: argparse.Namespace) -> dict:
         row("_other", "  predict after + suspects CSV",
             [seconds(r, "seconds_total") - sum(seconds(r, field) for _, _, field in ROUND_PHASES) for r in records])
 
-    round_rows("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) + fine-tune and its control)",
-               round_records)
+    round_rows("round", "whole repair round (RepairCallback(): KNN-Shapley (trusted) scores, the causes leave "
+               "training)", round_records)
     for key, (label, arguments) in ROUND_VARIANTS.items():
         round_rows(key, label, [fit_with_round(data, **arguments())[0] for _ in range(repeats)])
     rows["lightning_epoch"] = {"label": "Trainer.fit training epoch (same fits, before the round)",
@@ -640,10 +652,9 @@ def _why(key: str, result: dict) -> str:
                  "suspects + treatment": "round_treatment", "predict after + CSV": "round_other"}
         biggest = max(parts, key=lambda p: rows[parts[p]]["seconds"])
         listing = ", ".join(f"{p} {rows[k]['seconds'] / unit:.2f}" for p, k in parts.items())
-        return (f"Per phase, in epochs: {listing}; the largest is {biggest}. Closing it: the scores are "
-                "KNN-Shapley's embedding pass over D (see its row), near the no-grad forward pass that bounds any "
-                "scorer; the treatment's time is mostly its candidates' judgements, a prediction of F_q and R_q "
-                "every `eval_every` steps, which a larger repair batch or fewer judgements would cut.")
+        return (f"Per phase, in epochs: {listing}; the largest is {biggest}. The scores are KNN-Shapley's "
+                "embedding pass over D (see its row), near the no-grad forward pass that bounds any scorer; a "
+                "treatment that moves weights adds its fine-tunes and their judgements (see the Finetune row).")
     return ""
 
 

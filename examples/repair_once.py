@@ -5,8 +5,9 @@
 
 The model is the paper's CNN as a plain ``nn.Sequential``, trained with Adam in an ordinary loop. One round then
 finds the validation failures, scores the training set (KNN-Shapley, trusted utility), treats the model without
-the causes (fine-tuning on the rest, the default) and judges the result on held-out validation examples that no
-method read. The repair is applied only when that judgement accepts it. Prints the round, the test accuracy
+the causes (fine-tuning on the rest: no training follows this round, so it needs a treatment that moves the
+weights, not the default, which only takes the causes out of training) and judges the result on held-out
+validation examples that no method read. The repair is applied only when that judgement accepts it. Prints the round, the test accuracy
 before and after, and how many of the examples it blamed really had a flipped label.
 """
 
@@ -20,6 +21,7 @@ from lightning_repair.data import FashionMNISTDataModule
 from lightning_repair.models import paper_cnn
 from lightning_repair.params import copy_parameters_
 from lightning_repair.report import format_table
+from lightning_repair.treat import Finetune
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--epochs", type=int, default=3)
@@ -55,7 +57,8 @@ for epoch in range(args.epochs):
         optimizer.step()
 before = test_accuracy(model)
 
-outcome = RepairRound().run(model, train_loader, val_loader, flipped=data.flipped_indices)
+# No training follows, so the round must move the weights itself: fine-tuning on D \ C, judged by the rule.
+outcome = RepairRound(treatment=Finetune()).run(model, train_loader, val_loader, flipped=data.flipped_indices)
 print(format_table([outcome.record]))
 if outcome.record.accepted:
     copy_parameters_(model, outcome.model)  # what RepairCallback does with an accepted round

@@ -36,8 +36,9 @@ _DEFAULTS = RepairRound  # each setting's default is written once, on the round
 
 class RepairCallback(Callback):
     r"""Repairs a classifier during ``Trainer.fit``: after a validation, it finds the validation examples the
-    model gets wrong (F), ranks the training set by how much each example caused them, unlearns the top causes
-    C, and training goes on without C.
+    model gets wrong (F), ranks the training set by how much each example caused them, and training goes on
+    without the top causes C (by default nothing more: the epochs after the round unlearn them; a treatment can
+    also unlearn them at once, and is then kept only if the acceptance rule accepts it).
 
     Each round (a :class:`~lightning_repair.round.RepairRound`, which also runs without a Trainer): failure set
     F = F_q ∪ F_h from the validation data (only F_q is used; F_h and R = V \ F are measured) → diagonal Fisher →
@@ -45,11 +46,17 @@ class RepairCallback(Callback):
     example is removed at most once and never drawn again by the training DataLoader.
 
     Args:
-        scorer: identification method; default ``KNNShapley(utility="trusted")``, the best-ranking scorer in every
-            setting of the benchmark (the paper's EWC influence ranks flips near chance with class-pair noise).
-        treatment: treatment method; default :class:`~lightning_repair.treat.Finetune`, fine-tuning on D \\ C: in
-            long fits the only treatment that moved a model learning its flipped labels (EWC deletion, the paper's,
-            kept θ̂ there, so the rule could not keep its cause sets), and level with EWC deletion in short ones.
+        scorer: identification method; default ``KNNShapley(utility="trusted", harm_margin=1)``, the best-ranking
+            scorer in every setting of the benchmark (the paper's EWC influence ranks flips near chance with
+            class-pair noise), whose own rule takes the examples that hurt its utility by more than an average
+            example adds to it (fewer clean examples than value < 0, for the same fits end to end).
+        treatment: treatment method; default :class:`~lightning_repair.treat.Exclude`: no unlearning step, the
+            causes leave training and the epochs after the round unlearn them. It moves no weight, so the acceptance
+            rule (``rollback`` and the margins below) has nothing to judge and its rounds are kept. End to end it
+            ended level with fine-tuning on D \\ C (:class:`~lightning_repair.treat.Finetune`, the default before)
+            in every setting of the benchmark, at a third of the round's cost: the fine-tune's weights were rolled
+            back in most long fits anyway. Give a weight-moving treatment (``Finetune``, ``EWCUnlearning``, …)
+            for a model that is not trained on after its last round, or to have each round judged.
         every_n_epochs: repair after every this many epochs; None (default): after ever longer gaps, each twice the
             one before, so rounds follow (start_epoch + 1) · 2^k epochs: 4, 8, 16, … epochs from epoch 3 —
             1 round in a 5-epoch fit, 2 in a 10-epoch one. A round that falls on an epoch without validation runs
@@ -82,9 +89,10 @@ class RepairCallback(Callback):
         batch_size: batch size of the repair passes; default the training DataLoader's.
         adapter: how to read inputs, labels and logits; default handles ``(x, y)`` and dict batches.
         suspects_to_report: rows of each round's suspects CSV (the causes are always included).
-        rollback: keep a round only when the acceptance rule accepts it on the parts no method read, F_h and R
-            (estimated validation accuracy rises by more than ``acceptance_margin`` paired standard errors);
-            otherwise roll it back: keep θ̂ and put C back into training. False keeps every treated round.
+        rollback: for a treatment that moves weights: keep a round only when the acceptance rule accepts it on the
+            parts no method read, F_h and R (estimated validation accuracy rises by more than
+            ``acceptance_margin`` paired standard errors); otherwise roll it back: keep θ̂ and put C back into
+            training. False keeps every treated round.
         acceptance_margin: paired standard errors by which a repair must raise estimated validation accuracy,
             both when a treatment chooses among its candidates (on F_q and R_q) and for the rollback.
         max_remaining_drop: an optional extra cap: also reject repairs that lower accuracy on R (R_q for the

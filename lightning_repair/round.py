@@ -7,6 +7,9 @@ Whoever runs it (the callback, a script) applies an accepted repair: the treated
     outcome = RepairRound().run(model, train_loader, val_loader)
     if outcome.record.accepted:
         copy_parameters_(model, outcome.model)   # and train on without outcome.causes
+
+With the default treatment (``Exclude``) the round moves no weight: the training without C that follows is the
+repair. ``RepairRound(treatment=Finetune())`` also moves the weights, judged by the acceptance rule.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from lightning_repair.identify import KNNShapley, Scorer, ScoringInputs
 from lightning_repair.identify.base import Progress, no_progress
 from lightning_repair.params import repair_copy
 from lightning_repair.selection import check_selection, ranked, select_causes
-from lightning_repair.treat import Finetune, Treatment, TreatmentInputs
+from lightning_repair.treat import Exclude, Treatment, TreatmentInputs
 
 DEFAULT_TOP_FRACTION = 0.01
 
@@ -156,8 +159,8 @@ class RepairRound:
     first batch (BackPACK where it can follow the model, else ``torch.func``).
     """
 
-    scorer: Scorer = field(default_factory=lambda: KNNShapley(utility="trusted"))
-    treatment: Treatment = field(default_factory=Finetune)
+    scorer: Scorer = field(default_factory=lambda: KNNShapley(utility="trusted", harm_margin=1.0))
+    treatment: Treatment = field(default_factory=Exclude)
     selection: dict[str, Any] = field(default_factory=dict)
     fisher: FisherKind = "mc"
     fisher_samples: int = 1000

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from helpers import TinyClassifier
 from lightning_repair import RepairCallback
-from lightning_repair.treat import EWCUnlearning
+from lightning_repair.treat import EWCUnlearning, Finetune
 
 
 
@@ -101,7 +101,6 @@ def _one_round(name: str, tmp_path, **settings):
 
     [record] = repair.rounds
     assert record["failures"] > 0 and record.get("skipped") is None
-    assert record["candidates_rated"] >= 1  # the treatment ran to the end and its candidates were judged
     # The user's module keeps its own in-place flags.
     if name == "resnet18":
         assert model.net.relu.inplace is True
@@ -112,7 +111,15 @@ def _one_round(name: str, tmp_path, **settings):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_model_as_written_repairs_with_the_defaults(name, tmp_path):
     record = _one_round(name, tmp_path)
-    assert record["curvature"] is None  # KNN-Shapley and fine-tuning need no per-example gradients or Fisher
+    assert record["curvature"] is None  # KNN-Shapley and Exclude need no per-example gradients or Fisher
+    assert record["accepted"] and record["removed"] == record["causes"] > 0  # the causes left training
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_model_as_written_is_fine_tuned_without_its_causes(name, tmp_path):
+    record = _one_round(name, tmp_path, treatment=Finetune())
+    assert record["curvature"] is None  # fine-tuning needs no per-example gradients or Fisher either
+    assert record["candidates_rated"] >= 1  # the treatment ran to the end and its candidates were judged
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -120,7 +127,7 @@ def test_a_model_as_written_gets_its_fisher_from_torch_func(name, tmp_path):
     # In-place additions on hooked outputs, x.view between modules, LayerNorm and attention all stop BackPACK's
     # Fisher (each fails with curvature="backpack"); the callback falls back to torch.func.
     record = _one_round(name, tmp_path, treatment=EWCUnlearning())
-    assert record["curvature"] == "torch_func"
+    assert record["curvature"] == "torch_func" and record["candidates_rated"] >= 1
 
 
 def _methods():

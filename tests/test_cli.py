@@ -11,6 +11,7 @@ import yaml
 from lightning_repair import RepairCallback
 from lightning_repair.cli import RepairCLI, main
 from lightning_repair.identify import KNNShapley
+from lightning_repair.round import RepairRound
 from lightning_repair.treat import NewtonRemoval
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,7 +31,7 @@ METHODS = {
     "treat/energy_alignment.yaml": ("treatment", "lightning_repair.treat.EnergyAlignment"),
     "treat/exclude.yaml": ("treatment", "lightning_repair.treat.Exclude"),
 }
-MAIN_METHODS = {"scorer": "lightning_repair.identify.KNNShapley", "treatment": "lightning_repair.treat.Finetune"}
+MAIN_METHODS = {"scorer": "lightning_repair.identify.KNNShapley", "treatment": "lightning_repair.treat.Exclude"}
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +67,11 @@ def test_main_config(capsys: pytest.CaptureFixture) -> None:
     assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher"],
             init_args["fisher_samples"], init_args["control_margin"], init_args["removal_margin"]) == (
         None, None, "mc", 1000, 0.0, None)
+    # The main config spells out the callback's default scorer.
+    default_scorer = RepairRound().scorer
+    assert init_args["scorer"]["init_args"]["utility"] == default_scorer.utility == "trusted"
+    assert init_args["scorer"]["init_args"]["harm_margin"] == default_scorer.harm_margin == 1.0
+    assert type(RepairRound().treatment).__name__ == "Exclude"
     assert config["trainer"]["max_epochs"] == 5
     assert config["model"]["class_path"] == "lightning_repair.models.ImageClassifier"
     assert config["data"]["class_path"] == "lightning_repair.data.FashionMNISTDataModule"
