@@ -6,7 +6,7 @@
 The network is torchvision's as written: in-place ReLUs, residual additions, its 7×7 stride-2 stem and max-pool.
 Only the first convolution takes 1 channel instead of 3. (The usual small-image stem, a 3×3 convolution without
 the max-pool, keeps 28×28 feature maps into the first stage and trains about 5× slower on a CPU.) The defaults,
-KNN-Shapley and fine-tuning on D \ C, need no per-example gradients; a method that does (EWC influence, EWC
+KNN-Shapley and training on without the causes (no unlearning step), need no per-example gradients; a method that does (EWC influence, EWC
 deletion's Fisher) gets them from torch.func, since BackPACK cannot follow the residual additions, and the callback
 says so in its log.
 """
@@ -77,7 +77,7 @@ flipped, removed = set(data.flipped_indices.tolist()), set(repair.removed_indice
 print(f"\nResNet-18, {args.noise} label noise: {len(flipped):,} of {len(data.train_dataset):,} labels flipped.")
 print(format_table(repair.rounds))
 backend = repair.rounds[0].get("curvature") if repair.rounds else "no round ran"
-print(f"Curvature backend: {backend or 'none needed (KNN-Shapley and fine-tuning use no per-example gradients)'}")
+print(f"Curvature backend: {backend or 'none needed (the default round uses no per-example gradients)'}")
 print(f"\nTest accuracy, plain training:        {plain:.4f}")
 print(f"Test accuracy, with RepairCallback(): {repaired:.4f} ({100 * (repaired - plain):+.1f} points)")
 hits = len(removed & flipped)

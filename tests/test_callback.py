@@ -118,6 +118,27 @@ def test_the_default_start_is_a_tenth_of_the_fit_at_least_epoch_3(max_epochs, st
     assert default_start_epoch(max_epochs) == start
 
 
+@pytest.mark.parametrize("max_epochs, start", [(150, 15), (10, 3), (5, 3), (4, 2), (3, 1), (2, 1), (None, 3)])
+def test_a_round_that_moves_no_weight_starts_with_an_epoch_left_after_it(max_epochs, start):
+    assert default_start_epoch(max_epochs, epochs_after=1) == start
+
+
+@pytest.mark.parametrize("max_epochs, every, expected", [
+    (4, None, [2]),        # the default start leaves the last epoch to train without the causes
+    (8, None, [3]),        # the doubling schedule's round after epoch 7, the last, would change nothing
+    (2, None, []),         # no epoch to spare before the last: no round
+    (4, 1, [0, 1, 2, 3]),  # a schedule the user gave is kept as given: the last round only reports
+])
+def test_exclude_skips_rounds_with_no_epoch_left_to_train_without_their_causes(tmp_path, max_epochs, every,
+                                                                                expected):
+    from lightning_repair.treat import Exclude
+
+    repair = RepairCallback(treatment=Exclude(), top_k=5, every_n_epochs=every,
+                            start_epoch=0 if every else None)
+    fit(tmp_path, repair, max_epochs=max_epochs)
+    assert [r["epoch"] for r in repair.rounds] == expected
+
+
 def test_the_default_start_follows_the_trainers_max_epochs(tmp_path):
     repair = RepairCallback(top_k=5, fisher_samples=32, rollback=False)
     fit(tmp_path, repair, max_epochs=20)
