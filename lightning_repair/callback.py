@@ -49,13 +49,13 @@ class RepairCallback(Callback):
         scorer: identification method; default ``KNNShapley(utility="trusted", harm_margin=1)``, the best-ranking
             scorer in every setting of the benchmark (the paper's EWC influence ranks flips near chance with
             class-pair noise), whose own rule takes the examples that hurt its utility by more than an average
-            example adds to it (fewer clean examples than value < 0, for the same fits end to end).
+            example adds to it: fewer clean examples than value < 0 (the README's *End to end*).
         treatment: treatment method; default :class:`~lightning_repair.treat.Exclude`: no unlearning step, the
             causes leave training and the epochs after the round unlearn them. It moves no weight, so the acceptance
             rule (``rollback`` and the margins below) has nothing to judge and its rounds are kept. End to end it
             ended level with fine-tuning on D \\ C (:class:`~lightning_repair.treat.Finetune`, the default before)
-            in every setting of the benchmark, at a third of the round's cost: the fine-tune's weights were rolled
-            back in most long fits anyway. Give a weight-moving treatment (``Finetune``, ``EWCUnlearning``, …)
+            in every setting of the benchmark, within the seeds' spread, at a third of the round's cost: in the
+            10-epoch fits the gate had rolled most fine-tunes back anyway. Give a weight-moving treatment (``Finetune``, ``EWCUnlearning``, …)
             for a model that is not trained on after its last round, or to have each round judged.
         every_n_epochs: repair after every this many epochs; None (default): after ever longer gaps, each twice the
             one before, so rounds follow (start_epoch + 1) · 2^k epochs: 4, 8, 16, … epochs from epoch 3 —
