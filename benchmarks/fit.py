@@ -471,6 +471,8 @@ def collect(settings: list[Setting], runs: list[str], cache: Path = CACHE) -> li
     for setting in settings:
         found = []
         for run in runs:
+            if setting.protocol == CLEAN and run in SHARED_RUNS:
+                continue  # with clean labels plain training is the oracle's fit: no gap to close
             path = cached(setting, run, cache)
             if path is None:
                 continue

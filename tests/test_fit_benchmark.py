@@ -243,11 +243,16 @@ def test_the_clean_label_protocol_runs_only_when_asked_and_is_reported_last(tmp_
     assert fit.parse_arguments(["--protocols", "none"]).protocols == ["none"]
     clean, pairs = fit.Setting("none", "3k-mem", 0, 150), fit.Setting("pairs", "3k-mem", 0, 150)
     for setting in (clean, pairs):
-        for run, test in (("plain", 0.85), ("repair", 0.84)):
+        for run, test in (("plain", 0.85), ("repair", 0.84), ("oracle", 0.86)):
             record = _record(run, 0, test, 10.0, precision=0.0 if run == "repair" else None)
             record["setting"]["protocol"] = setting.protocol
             fit.cache_path(setting, run, tmp_path).write_text(json.dumps(record))
-    write_fit_results(fit.collect([clean, pairs], ["plain", "repair"], tmp_path), tmp_path / "out")
+    records = fit.collect([clean, pairs], ["plain", "repair", "oracle"], tmp_path)
+    # With clean labels plain training is the oracle's fit: no oracle row, no gap closed.
+    assert [(r["setting"]["protocol"], r["run"]) for r in records] == [
+        ("none", "plain"), ("none", "repair"), ("pairs", "plain"), ("pairs", "repair"), ("pairs", "oracle")]
+    write_fit_results(records, tmp_path / "out")
     report = (tmp_path / "out" / "fit.md").read_text()
     assert report.index("## `pairs`, `3k-mem`") < report.index("## `none`, `3k-mem`")
-    assert "Clean labels: no flips" in report.split("## `none`")[1]
+    clean_section = report.split("## `none`")[1]
+    assert "Clean labels: no flips" in clean_section and "oracle (clean labels)" not in clean_section
