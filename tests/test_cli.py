@@ -87,6 +87,14 @@ def test_method_file_composes_with_main_config(capsys: pytest.CaptureFixture, me
     assert (init_args["start_epoch"], init_args["top_fraction"], init_args["fisher_samples"]) == (None, None, 1000)
 
 
+def test_an_overlay_sets_the_scorer_settings_it_names_over_the_main_configs(capsys: pytest.CaptureFixture) -> None:
+    # jsonargparse keeps init_args a config before set for the same class, so each KNN-Shapley overlay names its own.
+    expected = {"knn_shapley.yaml": ("query", 0.0), "knn_shapley_trusted.yaml": ("trusted", 1.0)}
+    for overlay, (utility, harm_margin) in expected.items():
+        scorer = repair_callback(printed_config(capsys, MAIN, CONFIGS / "identify" / overlay))["scorer"]["init_args"]
+        assert (scorer["utility"], scorer["harm_margin"]) == (utility, harm_margin)
+
+
 def test_defaults_and_any_lightning_module(capsys: pytest.CaptureFixture) -> None:
     assert printed_config(capsys)["model"]["class_path"] == "lightning_repair.models.ImageClassifier"
     with pytest.raises(SystemExit):
