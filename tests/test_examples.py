@@ -32,7 +32,7 @@ def test_main_job_compares_plain_and_repaired_fits(tmp_path):
 
 def test_resnet_example_repairs_torchvisions_resnet18_as_written(tmp_path):
     write_fake_fashion_mnist(tmp_path, train=200, test=40)
-    result = run_example(tmp_path, "resnet_repair.py", "--epochs", "2", "--train-subset", "100", "--val-size", "100",
+    result = run_example(tmp_path, "resnet_repair.py", "--epochs", "3", "--train-subset", "100", "--val-size", "100",
                          timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Curvature backend: none needed" in result.stdout  # the defaults; test_any_model covers the Fisher
