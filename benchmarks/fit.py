@@ -154,8 +154,8 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_harm_margin_1_no_rollback": _earlier(scorer="KNNShapley", scorer_settings=HARM_MARGIN_1, rollback=False),
     # A rolled-back round's weights return to θ̂, but its causes stay out unless the repair hurt beyond 2 SE.
     "repair_removal_margin_2": _earlier(removal_margin=2.0),
-    "repair_harm_margin_1_removal_margin_2": _repair(scorer="KNNShapley", scorer_settings=HARM_MARGIN_1,
-                                                     treatment="Finetune", removal_margin=2.0),
+    "repair_harm_margin_1_removal_margin_2": _earlier(scorer="KNNShapley", scorer_settings=HARM_MARGIN_1,
+                                                      removal_margin=2.0),
 }
 
 SHARED_RUNS = ("oracle",)  # runs on the clean labels: one per regime and seed serves both protocols

@@ -1,7 +1,7 @@
 """Train the paper's CNN on Fashion-MNIST with flipped labels twice, plain and with RepairCallback(), and compare.
 
     python examples/fashion_mnist_repair.py            # 5 epochs of 50,000 images, each way
-    python examples/fashion_mnist_repair.py --epochs 2 --train-subset 5000   # a quick look
+    python examples/fashion_mnist_repair.py --epochs 3 --train-subset 5000   # a quick look
 
 Both fits start from the same weights and see the same batches until a repair round is kept (a rolled-back
 round changes nothing, not even the batch order). Prints the callback's rounds (failures found, causes

@@ -7,8 +7,8 @@ The model is the paper's CNN as a plain ``nn.Sequential``, trained with Adam in 
 finds the validation failures, scores the training set (KNN-Shapley, trusted utility), treats the model without
 the causes (fine-tuning on the rest: no training follows this round, so it needs a treatment that moves the
 weights, not the default, which only takes the causes out of training) and judges the result on held-out
-validation examples that no method read. The repair is applied only when that judgement accepts it. Prints the round, the test accuracy
-before and after, and how many of the examples it blamed really had a flipped label.
+validation examples that no method read. The repair is applied only when that judgement accepts it. Prints the
+round, the test accuracy before and after, and how many of the examples it blamed really had a flipped label.
 """
 
 import argparse

@@ -1,14 +1,14 @@
 """torchvision's ResNet-18, as torchvision writes it, repaired on Fashion-MNIST with flipped labels.
 
     python examples/resnet_repair.py                   # 3,000 training images, 4 epochs, plain and repaired
-    python examples/resnet_repair.py --epochs 2 --train-subset 500 --val-size 500   # a quick look
+    python examples/resnet_repair.py --epochs 3 --train-subset 500 --val-size 500   # a quick look
 
 The network is torchvision's as written: in-place ReLUs, residual additions, its 7×7 stride-2 stem and max-pool.
 Only the first convolution takes 1 channel instead of 3. (The usual small-image stem, a 3×3 convolution without
 the max-pool, keeps 28×28 feature maps into the first stage and trains about 5× slower on a CPU.) The defaults,
-KNN-Shapley and training on without the causes (no unlearning step), need no per-example gradients; a method that does (EWC influence, EWC
-deletion's Fisher) gets them from torch.func, since BackPACK cannot follow the residual additions, and the callback
-says so in its log.
+KNN-Shapley and training on without the causes (no unlearning step), need no per-example gradients; a method that
+does (EWC influence, EWC deletion's Fisher) gets them from torch.func, since BackPACK cannot follow the residual
+additions, and the callback says so in its log.
 """
 
 import argparse

@@ -55,8 +55,9 @@ class RepairCallback(Callback):
             rule (``rollback`` and the margins below) has nothing to judge and its rounds are kept. End to end it
             ended level with fine-tuning on D \\ C (:class:`~lightning_repair.treat.Finetune`, the default before)
             in every setting of the benchmark, within the seeds' spread, at a third of the round's cost: in the
-            10-epoch fits the gate had rolled most fine-tunes back anyway. Give a weight-moving treatment (``Finetune``, ``EWCUnlearning``, …)
-            for a model that is not trained on after its last round, or to have each round judged.
+            10-epoch fits the gate had rolled most fine-tunes back anyway. Give a weight-moving treatment
+            (``Finetune``, ``EWCUnlearning``, …) for a model that is not trained on after its last round, or to
+            have each round judged.
         every_n_epochs: repair after every this many epochs; None (default): after ever longer gaps, each twice the
             one before, so rounds follow (start_epoch + 1) · 2^k epochs: 4, 8, 16, … epochs from epoch 3 —
             1 round in a 5-epoch fit, 2 in a 10-epoch one. A round that falls on an epoch without validation runs
@@ -346,18 +347,22 @@ class RepairCallback(Callback):
         this fit's ``max_epochs``."""
         if self.start_epoch is not None:
             return self.start_epoch
-        return default_start_epoch(trainer.max_epochs, epochs_after=0 if self.treatment.moves_weights else 1)
+        return default_start_epoch(trainer.max_epochs, epochs_after=self._epochs_after_round())
 
     def _owed_since(self, trainer: pl.Trainer) -> int | None:
         """The earliest scheduled epoch ≤ the current one after the last round's, or None when no round is owed."""
         last = max((record.epoch for record in self.rounds if record.epoch is not None), default=-1)
         schedule = scheduled_epochs(self.first_epoch(trainer), self.every_n_epochs, trainer.current_epoch)
-        default_schedule = self.start_epoch is None and self.every_n_epochs is None
-        if default_schedule and not self.treatment.moves_weights and (trainer.max_epochs or 0) > 0:
-            # A round that only takes its causes out of training changes nothing with no epoch left to train. A
-            # schedule the user gave is kept as given: such a round still reports its suspects.
-            schedule = [epoch for epoch in schedule if epoch < trainer.max_epochs - 1]
+        if self.start_epoch is None and self.every_n_epochs is None and (trainer.max_epochs or 0) > 0:
+            # The default schedule leaves out rounds without the epochs they need after them; a schedule the user
+            # gave is kept as given (such a round still reports its suspects).
+            schedule = [epoch for epoch in schedule if epoch < trainer.max_epochs - self._epochs_after_round()]
         return next((e for e in schedule if e > last), None)
+
+    def _epochs_after_round(self) -> int:
+        """Epochs a default round leaves after it: one for a treatment that moves no weight (``Exclude``), whose
+        repair is the training without C that follows; none for any other."""
+        return 0 if self.treatment.moves_weights else 1
 
 
 EARLIEST_START = 3  # the default first round's earliest epoch (0-based): see default_start_epoch
