@@ -224,6 +224,39 @@ def test_the_knn_rule_probe_counts_each_rules_causes_against_the_flips_still_in_
     assert "value < −1 × mean | 2 | 0.500" in table[3]  # sorted by rule
 
 
+def test_the_trusted_vote_is_the_share_of_the_nearest_utility_points_with_another_label():
+    from benchmarks.knn_k_probe import trusted_vote
+
+    generator = torch.Generator().manual_seed(0)
+    train_x, utility_x = torch.randn(37, 3, generator=generator), torch.randn(11, 3, generator=generator)
+    train_y, utility_y = torch.randint(0, 3, (37,), generator=generator), torch.randint(0, 3, (11,), generator=generator)
+    expected = []
+    for x, y in zip(train_x, train_y):  # brute force, one training example at a time
+        nearest = sorted(range(len(utility_x)), key=lambda j: float((utility_x[j] - x).norm()))[:4]
+        expected.append(sum(int(utility_y[j] != y) for j in nearest) / 4)
+    assert trusted_vote(train_x, train_y, utility_x, utility_y, k=4, chunk=5).tolist() == pytest.approx(expected)
+
+
+def test_the_ranking_probe_scores_each_rule_against_the_flips():
+    from benchmarks.knn_k_probe import ap_summary, rule_lines
+
+    # −scores are KNN-Shapley values with mean 0.1: m = 1 takes value < −0.1, m = 0 every negative value.
+    scores = torch.tensor([0.5, 0.3, 0.05, -0.2, -0.3, -0.25, -0.4, -0.5])
+    is_flip = torch.tensor([True, False, True, True, False, False, False, False])
+    wrong = torch.tensor([True, False, True, False, False, False, False, False])
+    lines = {line["rule"]: line for line in rule_lines("shapley_k5", scores, is_flip, wrong)}
+    assert (lines["value < −0 × mean"]["causes"], lines["value < −0 × mean"]["precision"]) == (3, pytest.approx(2 / 3))
+    assert (lines["value < −1 × mean"]["causes"], lines["value < −1 × mean"]["recall"]) == (2, pytest.approx(1 / 3))
+    assert lines["value < −0 × mean, argmax ≠ label"]["causes"] == 2  # θ̂ gets index 1 right: not a cause
+    assert lines["value < −0 × mean, argmax ≠ label"]["precision"] == 1.0
+    vote = rule_lines("vote_k5", torch.tensor([0.6, 0.8, 0.95, 0.2, 0.0, 0.0, 0.0, 0.0]), is_flip, wrong)
+    assert [line["causes"] for line in vote] == [3, 2, 1]  # more than 50, 70, 90 % disagree
+    summary = ap_summary([{"protocol": "pairs", "regime": "50k", "round_after_epoch": 3, "seed": seed,
+                           "ranking": name, "ap": ap}
+                          for seed, name, ap in ((0, "a", 0.5), (1, "a", 0.7), (0, "b", 0.4), (1, "b", 0.4))])
+    assert "| `pairs` | `50k` | 3 | 0, 1 | **0.600** | 0.400 |" in summary
+
+
 def test_the_rounds_table_tells_kept_rounds_from_rolled_back_ones_whose_causes_left():
     from benchmarks.fit_report import _rounds_section
 
