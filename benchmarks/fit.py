@@ -75,14 +75,17 @@ CLEAN = "none"
 def _repair(scorer: str | None = None, treatment: str | None = None, treatment_settings: dict[str, Any] | None = None,
             scorer_settings: dict[str, Any] | None = None, **settings: Any) -> Callable[[Tensor], list]:
     """The callback with a scorer and treatment named as in ``lightning_repair`` (None: its default; scorer
-    ``"FlipOracle"``: a perfect detector of the setting's ``flipped`` examples), their settings and the callback's
-    other settings as given."""
+    ``"FlipOracle"``: a perfect detector of the setting's ``flipped`` examples; ``"TrustedVote"``: the candidate of
+    ``benchmarks.knn_k_probe``), their settings and the callback's other settings as given."""
     def callbacks(flipped: Tensor) -> list:
         from lightning_repair import RepairCallback, identify, treat
 
         arguments = dict(settings)
         if scorer == "FlipOracle":
             arguments["scorer"] = FlipOracle(flipped=flipped)
+        elif scorer == "TrustedVote":
+            from benchmarks.knn_k_probe import TrustedVote
+            arguments["scorer"] = TrustedVote(**(scorer_settings or {}))
         elif scorer is not None:
             arguments["scorer"] = getattr(identify, scorer)(**(scorer_settings or {}))
         if treatment is not None:
@@ -133,6 +136,7 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_ewc": _earlier(treatment="EWCUnlearning"),
     "repair_ewc_start_1": _earlier(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
     "repair_newton": _earlier(treatment="NewtonRemoval"),
+    "repair_trusted_vote": _repair(scorer="TrustedVote"),  # a candidate scorer, benchmark only; defaults otherwise
     "repair_energy_alignment": _earlier(treatment="EnergyAlignment"),
     "repair_best_of": _earlier(treatment="BestOf"),
     "repair_training_loss_finetune": _earlier(scorer="TrainingLoss", treatment="Finetune"),
@@ -183,6 +187,8 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_ewc": "RepairCallback(treatment=EWCUnlearning())",
           "repair_ewc_start_1": "RepairCallback(treatment=EWCUnlearning(), start_epoch=1), the earlier defaults",
           "repair_newton": "RepairCallback(treatment=NewtonRemoval())",
+          "repair_trusted_vote": "RepairCallback(scorer=the trusted points' vote, k=50, more than 90 % disagree), "
+                                 "benchmark only",
           "repair_energy_alignment": "RepairCallback(treatment=EnergyAlignment())",
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",

@@ -38,7 +38,7 @@ from benchmarks import fit
 from benchmarks.metrics import average_precision
 from lightning_repair import RepairCallback
 from lightning_repair.identify import KNNShapley
-from lightning_repair.identify.base import ScoringInputs
+from lightning_repair.identify.base import Scorer, ScoringInputs
 from lightning_repair.identify.knn_shapley import (_embedding_layer, _shared_embeddings, knn_shapley_scores,
                                                    truncation_for)
 
@@ -56,6 +56,29 @@ def trusted_vote(train_x: Tensor, train_y: Tensor, utility_x: Tensor, utility_y:
         nearest = distances.topk(k, dim=1, largest=False).indices
         shares.append((utility_y[nearest] != train_y[start:start + chunk, None]).float().mean(dim=1))
     return torch.cat(shares)
+
+
+@dataclass(kw_only=True)
+class TrustedVote(Scorer):
+    """Benchmark only, a candidate scorer: the share of the ``k`` nearest points of F_q ∪ R_q (on the round's
+    embeddings, the head's inputs) whose label differs from the training example's; its own rule takes the examples
+    where more than ``disagreement`` of them do. Not in the library: it ranks better than KNN-Shapley in
+    ``symmetric`` and halves the recall of its rule in ``pairs`` (``results/knn_k_probe.md``)."""
+
+    k: int = 50
+    disagreement: float = 0.9
+
+    def threshold_for(self, scores: Tensor) -> float:
+        return self.disagreement
+
+    def score(self, inputs: ScoringInputs) -> Tensor:
+        model, ranks, adapter, recorded = inputs.model, inputs.ranks, inputs.adapter, inputs.recorded
+        train_x, train_y = _shared_embeddings(model, inputs.train, "training", ranks, None, adapter, inputs.progress)
+        if recorded is not None and recorded.module is _embedding_layer(model, None):
+            utility_x, utility_y = recorded.trusted
+        else:
+            utility_x, utility_y = _shared_embeddings(model, inputs.trusted, "validation", ranks, None, adapter)
+        return trusted_vote(train_x, train_y, utility_x, utility_y, self.k).cpu()
 
 
 @dataclass(kw_only=True)

@@ -237,6 +237,26 @@ def test_the_trusted_vote_is_the_share_of_the_nearest_utility_points_with_anothe
     assert trusted_vote(train_x, train_y, utility_x, utility_y, k=4, chunk=5).tolist() == pytest.approx(expected)
 
 
+def test_the_trusted_vote_candidate_runs_as_a_rounds_scorer_with_its_own_rule():
+    import lightning.pytorch as pl
+
+    from benchmarks.knn_k_probe import TrustedVote
+    from helpers import BlobsDataModule, TinyClassifier
+    from lightning_repair.round import RepairRound
+    from lightning_repair.treat import Exclude
+
+    torch.manual_seed(0)
+    model, data = TinyClassifier(), BlobsDataModule()
+    pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False).fit(model, data)
+    outcome = RepairRound(scorer=TrustedVote(k=4, disagreement=0.7), treatment=Exclude()).run(
+        model, data.train_dataloader(), data.val_dataloader(), flipped=data.flipped_indices)
+    scores = outcome.scores
+    assert set((scores * 4).round().tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}  # shares of 4 neighbours
+    assert sorted(outcome.causes.tolist()) == torch.nonzero(scores > 0.7).flatten().tolist()
+    assert outcome.record.threshold == 0.7 and outcome.record.causes > 0
+
+
 def test_the_ranking_probe_scores_each_rule_against_the_flips():
     from benchmarks.knn_k_probe import ap_summary, rule_lines
 
