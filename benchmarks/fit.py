@@ -136,7 +136,7 @@ REPAIR_RUNS: dict[str, Callable[[Tensor], list]] = {
     "repair_ewc": _earlier(treatment="EWCUnlearning"),
     "repair_ewc_start_1": _earlier(treatment="EWCUnlearning", start_epoch=1),  # the defaults before Finetune
     "repair_newton": _earlier(treatment="NewtonRemoval"),
-    "repair_trusted_vote": _repair(scorer="TrustedVote"),  # a candidate scorer, benchmark only; defaults otherwise
+    "repair_trusted_vote": _repair(scorer="TrustedVote", treatment="Exclude"),  # a candidate scorer, benchmark only
     "repair_energy_alignment": _earlier(treatment="EnergyAlignment"),
     "repair_best_of": _earlier(treatment="BestOf"),
     "repair_training_loss_finetune": _earlier(scorer="TrainingLoss", treatment="Finetune"),
@@ -187,8 +187,8 @@ LABELS = {"plain": "plain training", "oracle": "oracle (clean labels)", "repair"
           "repair_ewc": "RepairCallback(treatment=EWCUnlearning())",
           "repair_ewc_start_1": "RepairCallback(treatment=EWCUnlearning(), start_epoch=1), the earlier defaults",
           "repair_newton": "RepairCallback(treatment=NewtonRemoval())",
-          "repair_trusted_vote": "RepairCallback(scorer=the trusted points' vote, k=50, more than 90 % disagree), "
-                                 "benchmark only",
+          "repair_trusted_vote": "RepairCallback(scorer=the trusted points' vote (k=50, more than 90 % disagree), "
+                                 "treatment=Exclude()), benchmark only",
           "repair_energy_alignment": "RepairCallback(treatment=EnergyAlignment())",
           "repair_best_of": "RepairCallback(treatment=BestOf())",
           "repair_training_loss_finetune": "RepairCallback(scorer=TrainingLoss(), treatment=Finetune())",

@@ -142,7 +142,8 @@ def write_fit_results(records: Sequence[dict[str, Any]], out: Path) -> None:
                 "today's: `KNNShapley(utility='trusted', harm_margin=1)` and `Exclude()`. Every other callback row "
                 "changes the defaults it was run under, which it keeps whatever today's are: "
                 "`KNNShapley(utility='trusted')` (value < 0), `Finetune()` and `removal_margin=None`; a scorer or "
-                "treatment the row names replaces theirs."]
+                "treatment the row names replaces theirs. The row marked *benchmark only* is a candidate scorer "
+                "defined in `benchmarks/knn_k_probe.py`, not in the library."]
     for (protocol, regime), runs in in_order:
         summary = summaries[f"{protocol}_{regime}"]
         order = [run for run in RUNS if run in summary]
